@@ -1,0 +1,365 @@
+"""OASIS-layout 2-D brain slices: the loader, and the builder of the built-in demo brains.
+
+`python dataset.py` builds the demo brains if needed (or reads DATA_DIR), prints a summary and
+renders a grid to visualize/. `--NIFTI_FILES='scans/*.nii.gz'` converts your own NIfTI volumes
+to the same layout instead.
+
+The demo brains are template-derived demo data, NOT OASIS: pseudo-brains made from the
+skull-stripped MNI152 2009a T1 template that ships inside the nilearn package, each with its
+own smooth elastic warp, small affine change and intensity change (gamma, bias field).
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+import util
+
+# ----------------------------------------------------------------------------- config
+DATA_DIR = None            # an OASIS-layout folder; None = the built-in demo brains
+IMG_SIZE = 64              # slices are resized (antialiased) to IMG_SIZE x IMG_SIZE: 64, 128, 256
+DEMO_DIR = "demo_data"     # where demo brains are built once and cached
+DEMO_BRAINS = (48, 8, 8)   # pseudo-brains in train / validate / test (32 slices each)
+DEMO_SEED = 0              # the demo set is a pure function of this seed and DEMO_BRAINS
+NIFTI_FILES = ""           # glob or comma-separated NIfTI paths to convert (one brain each)
+NIFTI_OUT_DIR = "nifti_slices"  # where converted NIfTI volumes go
+NIFTI_SPLIT = (0.8, 0.1, 0.1)   # share of converted volumes in train / validate / test
+
+SLICES_PER_BRAIN = 32
+PNG_SIZE = 256
+SPLITS = ("train", "validate", "test")
+MODES = {"train": ("train",), "validate": ("validate",), "test": ("test",),
+         "train_and_validate": ("train", "validate"), "all": SPLITS}
+TRAINING_MODES = ("train", "train_and_validate")
+IMAGE_NAME = re.compile(r"^case_(\d+)_slice_(\d+)\.nii\.png$")
+SEG_NAME = re.compile(r"^seg_(\d+)_slice_(\d+)\.nii\.png$")
+SEG_GREY_STEP = 85         # seg labels 0..3 are stored as grey levels 0, 85, 170, 255
+EXPECTED_LAYOUT = """expected the OASIS 2-D slice layout:
+  DATA_DIR/keras_png_slices_train/case_402_slice_7.nii.png     (brain 402, z-index 7)
+  DATA_DIR/keras_png_slices_validate/...
+  DATA_DIR/keras_png_slices_test/...
+  DATA_DIR/keras_png_slices_seg_{train,validate,test}/seg_402_slice_7.nii.png  (optional)"""
+
+
+def image_folder(data_dir, split):
+    return os.path.join(data_dir, f"keras_png_slices_{split}")
+
+
+def seg_folder(data_dir, split):
+    return os.path.join(data_dir, f"keras_png_slices_seg_{split}")
+
+
+# ----------------------------------------------------------------------------- loader
+def _list_slices(folder, pattern):
+    """{(brain, z): path} of the files in `folder` whose names match `pattern`."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder {folder} does not exist;\n{EXPECTED_LAYOUT}")
+    slices = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".png"):
+            continue
+        match = pattern.match(name)
+        if match is None:
+            raise ValueError(f"cannot parse brain id and z-index from {os.path.join(folder, name)}:"
+                             f" expected a name like {pattern.pattern}")
+        slices[int(match[1]), int(match[2])] = os.path.join(folder, name)
+    if not slices:
+        raise FileNotFoundError(f"no slice PNGs in {folder} (names like {pattern.pattern});\n"
+                                f"{EXPECTED_LAYOUT}")
+    return slices
+
+
+def _read_png(path, img_size, resample):
+    """Decode one grey PNG and resize it: (uint8 (img_size, img_size), size in the file)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = image.convert("L")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error} (corrupt or not a PNG)") from error
+    if image.size[0] != image.size[1]:
+        raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]}; expected square slices")
+    original_size = image.size
+    if image.size != (img_size, img_size):
+        image = image.resize((img_size, img_size), resample)
+    return np.asarray(image, dtype=np.uint8), original_size
+
+
+class OasisSlices(Dataset):
+    """The slices of one mode ('train', 'validate', 'test', 'train_and_validate', 'all'),
+    ordered by (brain, z) so an unshuffled loader yields each brain's 32 slices in order.
+    Held decoded as uint8 (all of OASIS is ~0.75 GB so). Items: (image (1, S, S) in [-1, 1],
+    seg (1, S, S) labels 0..3 or None, brain id, z-index)."""
+
+    def __init__(self, mode, data_dir=None, img_size=IMG_SIZE):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.data_dir = resolve_data_dir(data_dir)
+        self.img_size = img_size
+        image_paths, seg_paths = {}, {}
+        has_seg = all(os.path.isdir(seg_folder(self.data_dir, s)) for s in MODES[mode])
+        for split in MODES[mode]:
+            images = _list_slices(image_folder(self.data_dir, split), IMAGE_NAME)
+            clash = images.keys() & image_paths.keys()
+            if clash:
+                raise ValueError(f"brain {min(clash)[0]} appears in more than one split folder "
+                                 f"of {self.data_dir}; splits must hold different brains")
+            image_paths.update(images)
+            if has_seg:
+                segs = _list_slices(seg_folder(self.data_dir, split), SEG_NAME)
+                if segs.keys() != images.keys():
+                    unpaired = sorted(segs.keys() ^ images.keys())[:5]
+                    raise ValueError(f"seg files in {seg_folder(self.data_dir, split)} do not pair "
+                                     f"with images in {image_folder(self.data_dir, split)}: "
+                                     f"(brain, z) without a partner: {unpaired}")
+                seg_paths.update(segs)
+        self.keys = sorted(image_paths)
+        self.brains = np.array([brain for brain, _ in self.keys])
+        self.zs = np.array([z for _, z in self.keys])
+        self.images = self._load(image_paths, Image.Resampling.BOX)
+        self.segs = None
+        if has_seg:
+            grey = self._load(seg_paths, Image.Resampling.NEAREST)
+            self.segs = np.rint(grey / SEG_GREY_STEP).astype(np.uint8)
+
+    def _load(self, paths, resample):
+        """Decode the PNGs of self.keys into one uint8 array; all must share one size."""
+        array = np.empty((len(self.keys), self.img_size, self.img_size), dtype=np.uint8)
+        first_path, first_size = None, None
+        for i, key in enumerate(self.keys):
+            array[i], size = _read_png(paths[key], self.img_size, resample)
+            if first_size is None:
+                first_path, first_size = paths[key], size
+            elif size != first_size:
+                raise ValueError(f"image {paths[key]} is {size[0]}x{size[1]} but {first_path} is "
+                                 f"{first_size[0]}x{first_size[1]}; all slices must share one size")
+        return array
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        image = torch.from_numpy(self.images[index]).float().div(127.5).sub(1).unsqueeze(0)
+        seg = None if self.segs is None else torch.from_numpy(self.segs[index]).long().unsqueeze(0)
+        return image, seg, int(self.brains[index]), int(self.zs[index])
+
+
+def collate_slices(batch):
+    """Stack (image, seg or None, brain, z) items; seg stays None when the data has none."""
+    images, segs, brains, zs = zip(*batch)
+    seg = None if segs[0] is None else torch.stack(segs)
+    return torch.stack(images), seg, torch.tensor(brains), torch.tensor(zs)
+
+
+def get_dataloader(mode, batch_size, data_dir=None, img_size=IMG_SIZE, shuffle=None,
+                   seed=0, num_workers=0, drop_last=None):
+    """A DataLoader over OasisSlices(mode). Shuffles (reproducibly, from `seed`) and drops the
+    last partial batch only for the training modes unless told otherwise."""
+    training = mode in TRAINING_MODES
+    return DataLoader(OasisSlices(mode, data_dir, img_size), batch_size=batch_size,
+                      shuffle=training if shuffle is None else shuffle,
+                      drop_last=training if drop_last is None else drop_last,
+                      generator=torch.Generator().manual_seed(seed),
+                      num_workers=num_workers, collate_fn=collate_slices)
+
+
+# ----------------------------------------------------------------------------- demo brains / NIfTI
+def template_path(kind):
+    """Path of the MNI152 2009a template ('t1', 'gm' or 'wm') that ships inside nilearn."""
+    import nilearn
+    path = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
+                        f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the nilearn package has no {path}; reinstall requirements.txt")
+    return path
+
+
+def load_volume(path, tissue_paths=()):
+    """A NIfTI volume in RAS orientation: {'data': (C, X, Y, Z) float32 tensor with intensity in
+    [0, 1] first, then any tissue probability maps, 'affine': voxel -> mm (4x4)}."""
+    import nibabel
+    try:
+        image = nibabel.as_closest_canonical(nibabel.load(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:
+        raise ValueError(f"cannot read NIfTI volume {path}: {error}") from error
+    if data.ndim != 3:
+        raise ValueError(f"NIfTI volume {path} has shape {data.shape}; expected one 3-D volume")
+    # robust scale: the 99.9th percentile of the brain maps to 0.9, the background stays 0
+    data = np.clip(0.9 * data / np.percentile(data[data > 0], 99.9), 0, 1)
+    tissue = [np.asarray(nibabel.as_closest_canonical(nibabel.load(p)).dataobj, dtype=np.float32)
+              for p in tissue_paths]
+    channels = [data] + [probability / probability.max() for probability in tissue]
+    return {"data": torch.from_numpy(np.stack(channels)), "affine": image.affine}
+
+
+def _smooth_field(rng, control_points, channels, scale, coords):
+    """A smooth random field: N(0, scale) values on a control_points^3 grid, interpolated
+    trilinearly at `coords` (..., 3) given in [-1, 1]."""
+    grid = torch.from_numpy(rng.normal(0, scale, (1, channels) + (control_points,) * 3)).float()
+    points = coords.reshape(1, -1, 1, 1, 3)
+    values = torch.nn.functional.grid_sample(grid, points, align_corners=True, padding_mode="border")
+    return values.reshape(channels, *coords.shape[:-1]).movedim(0, -1)
+
+
+def render_brain(volume, rng=None):
+    """32 axial slices (uint8 (32, 256, 256)) spanning the brain, anterior up, black background,
+    and tissue labels (0 background, 1 CSF, 2 grey matter, 3 white matter) when the volume has
+    grey- and white-matter maps. With a numpy Generator `rng`, the brain gets a random smooth
+    elastic warp, small affine change, gamma and bias field first: a new pseudo-brain per draw."""
+    data, affine = volume["data"], torch.from_numpy(volume["affine"]).float()
+    voxels = torch.nonzero(data[0] > 0.05).float()
+    world = voxels @ affine[:3, :3].T + affine[:3, 3]
+    low, high = world.min(0).values, world.max(0).values
+    centre, extent = (low + high) / 2, high - low
+    pixel_mm = float(max(extent[0], extent[1])) / (0.78 * PNG_SIZE)  # margin for the warps
+    # output pixel positions in mm: columns run left->right, rows anterior->posterior
+    offsets = (torch.arange(PNG_SIZE) - (PNG_SIZE - 1) / 2) * pixel_mm
+    slice_z = low[2] + extent[2] * torch.linspace(0.25, 0.85, SLICES_PER_BRAIN)
+    zz, yy, xx = torch.meshgrid(slice_z, centre[1] - offsets, centre[0] + offsets, indexing="ij")
+    points = torch.stack([xx, yy, zz], dim=-1)
+
+    if rng is not None:
+        unit = (points - centre) / (extent / 2)            # the brain's box mapped to [-1, 1]
+        angles = np.deg2rad(rng.uniform(-1, 1, 3) * (3, 3, 8))
+        rotation = torch.from_numpy(_rotation_matrix(angles)).float()
+        scale = torch.from_numpy(rng.uniform(0.92, 1.08) * rng.uniform(0.96, 1.04, 3)).float()
+        shift = torch.from_numpy(rng.uniform(-1, 1, 3) * (4, 4, 3)).float()
+        warp_mm = _smooth_field(rng, 5, 3, 2.5, unit)
+        points = centre + ((points - centre) @ rotation.T) * scale + shift + warp_mm
+
+    inverse = torch.linalg.inv(affine)
+    voxel_index = points @ inverse[:3, :3].T + inverse[:3, 3]
+    sizes = torch.tensor(data.shape[1:], dtype=torch.float32)
+    normalised = (2 * voxel_index / (sizes - 1) - 1).flip(-1)  # grid_sample wants (z, y, x)
+    sampled = torch.nn.functional.grid_sample(data[None], normalised[None], align_corners=True)[0]
+    intensity, brain = sampled[0], sampled[0] > 0.02
+
+    if rng is not None:
+        gamma = rng.uniform(0.75, 1.35)
+        bias = torch.exp(_smooth_field(rng, 4, 1, 0.08, unit)[..., 0])
+        noise = 0.012 * torch.from_numpy(rng.standard_normal(intensity.shape, dtype=np.float32))
+        intensity = (intensity.clamp(min=0) ** gamma * bias + noise) * brain
+    slices = (intensity.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+    labels = None
+    if data.shape[0] == 3:
+        grey, white = sampled[1], sampled[2]
+        csf = 1 - grey - white
+        tissue = torch.where((white >= grey) & (white >= csf), 3, torch.where(grey >= csf, 2, 1))
+        labels = (tissue * brain).to(torch.uint8).numpy()
+    return slices, labels
+
+
+def _rotation_matrix(angles):
+    """Rotation by angles (radians) about x, then y, then z."""
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _write_brain(out_dir, split, brain_id, slices, labels):
+    os.makedirs(image_folder(out_dir, split), exist_ok=True)
+    for z, image in enumerate(slices):
+        Image.fromarray(image).save(
+            os.path.join(image_folder(out_dir, split), f"case_{brain_id}_slice_{z}.nii.png"))
+    if labels is not None:
+        os.makedirs(seg_folder(out_dir, split), exist_ok=True)
+        for z, label in enumerate(labels):
+            Image.fromarray(label * SEG_GREY_STEP).save(
+                os.path.join(seg_folder(out_dir, split), f"seg_{brain_id}_slice_{z}.nii.png"))
+
+
+def _write_dataset(out_dir, brains, info):
+    """Write (split, brain_id, volume, rng) brains into a temporary folder and rename it to
+    `out_dir` at the end, so an interrupted build never looks finished."""
+    from tqdm import tqdm
+    partial = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    for split, brain_id, volume, rng in tqdm(brains, desc=f"building {out_dir}", unit="brain"):
+        _write_brain(partial, split, brain_id, *render_brain(volume, rng))
+    with open(os.path.join(partial, "dataset_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    return out_dir
+
+
+def demo_data_dir(brains_per_split, seed, root):
+    root = root if os.path.isabs(root) else os.path.join(os.path.dirname(os.path.abspath(__file__)), root)
+    return os.path.join(root, "brains_{}-{}-{}_seed{}".format(*brains_per_split, seed))
+
+
+def build_demo_brains(out_dir, brains_per_split, seed):
+    """Build template-derived demo brains (not OASIS) in the OASIS layout: brain i of the
+    train / validate / test splits is render_brain(MNI152 template, Generator([seed, i]))."""
+    template = load_volume(template_path("t1"), [template_path("gm"), template_path("wm")])
+    splits = [split for split, count in zip(SPLITS, brains_per_split) for _ in range(count)]
+    brains = [(split, i + 1, template, np.random.default_rng([seed, i]))
+              for i, split in enumerate(splits)]
+    info = {"kind": "template-derived demo brains (MNI152 2009a via nilearn), not OASIS",
+            "brains_per_split": list(brains_per_split), "seed": seed}
+    return _write_dataset(out_dir, brains, info)
+
+
+def convert_nifti(paths, out_dir, split_shares=NIFTI_SPLIT):
+    """Your NIfTI volumes (sorted by path) to the OASIS layout, one brain each, no augmentation;
+    volume i goes to the split whose cumulative share first exceeds (i + 0.5) / n."""
+    if not paths:
+        raise FileNotFoundError("NIFTI_FILES matched no files")
+    paths = sorted(paths)
+    bounds = np.cumsum(split_shares) / np.sum(split_shares)
+    brains = [(SPLITS[int(np.searchsorted(bounds, (i + 0.5) / len(paths)))], i + 1,
+               load_volume(path), None) for i, path in enumerate(paths)]
+    info = {"kind": "converted NIfTI volumes", "sources": {i + 1: p for i, p in enumerate(paths)}}
+    return _write_dataset(out_dir, brains, info)
+
+
+def resolve_data_dir(data_dir=None):
+    """`data_dir` checked to exist, or (None) the demo brains, built on first use."""
+    if data_dir is None:
+        data_dir = demo_data_dir(DEMO_BRAINS, DEMO_SEED, DEMO_DIR)
+        if not os.path.isdir(data_dir):
+            build_demo_brains(data_dir, DEMO_BRAINS, DEMO_SEED)
+    elif not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"DATA_DIR {data_dir} does not exist;\n{EXPECTED_LAYOUT}")
+    return data_dir
+
+
+def summarise(data_dir, img_size, grid_path):
+    """Print what each split holds and save a grid: one test brain's 32 slices (4 x 8)."""
+    data_dir = resolve_data_dir(data_dir)
+    print(f"data: {data_dir}")
+    for split in SPLITS:
+        data = OasisSlices(split, data_dir, img_size)
+        brain_mask = data.images > 0
+        line = (f"  {split:9s} {len(data):5d} slices  {len(set(data.brains)):3d} brains  "
+                f"z {data.zs.min()}..{data.zs.max()}  brain area {brain_mask.mean():.0%}  "
+                f"brain intensity {data.images[brain_mask].mean() / 255:.2f}")
+        if data.segs is not None:
+            shares = np.bincount(data.segs[brain_mask], minlength=4)[1:] / brain_mask.sum()
+            line += "  CSF/GM/WM {:.0%}/{:.0%}/{:.0%}".format(*shares)
+        print(line)
+    first_brain = [data[i][0] for i in range(len(data)) if data.brains[i] == data.brains[0]]
+    util.save_image_grid(torch.stack(first_brain), grid_path, nrow=8)
+    print(f"grid of test brain {data.brains[0]}: {grid_path}")
+
+
+if __name__ == "__main__":
+    util.apply_overrides(globals())
+    start = time.time()
+    if NIFTI_FILES:
+        paths = [p for pattern in NIFTI_FILES.split(",") for p in sorted(glob.glob(pattern.strip()))]
+        DATA_DIR = convert_nifti(paths, NIFTI_OUT_DIR, NIFTI_SPLIT)
+    summarise(DATA_DIR, IMG_SIZE, os.path.join("visualize", "dataset_grid.png"))
+    print(f"done in {time.time() - start:.1f} s")

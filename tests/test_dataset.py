@@ -1,0 +1,156 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from conftest import write_png
+
+
+# ----------------------------------------------------------------------------- loader on a fabricated folder
+def test_loader_orders_by_brain_then_z_and_scales_to_minus_one_one(oasis_dir):
+    data = dataset.OasisSlices("train", str(oasis_dir), img_size=32)
+    assert len(data) == 24
+    assert [(int(b), int(z)) for b, z in zip(data.brains, data.zs)] == \
+        [(3, z) for z in range(12)] + [(10, z) for z in range(12)]
+    assert data.images.dtype == np.uint8
+    image, seg, brain, z = data[13]
+    assert (brain, z) == (10, 1)
+    assert image.shape == (1, 32, 32) and image.dtype == torch.float32
+    assert torch.allclose(image, torch.full_like(image, (10 * 12 + 1) / 127.5 - 1))
+    assert seg.shape == (1, 32, 32) and set(seg.unique().tolist()) == {0, 2}
+
+
+def test_modes_combine_splits(oasis_dir):
+    sizes = {mode: len(dataset.OasisSlices(mode, str(oasis_dir), 32)) for mode in dataset.MODES}
+    assert sizes == {"train": 24, "validate": 12, "test": 12, "train_and_validate": 36, "all": 48}
+    with pytest.raises(ValueError, match="mode 'training' is not one of"):
+        dataset.OasisSlices("training", str(oasis_dir), 32)
+
+
+def test_resize_is_antialiased(tmp_path):
+    checkerboard = (np.indices((32, 32)).sum(0) % 2) * 255
+    write_png(str(tmp_path / "keras_png_slices_test/case_1_slice_0.nii.png"), checkerboard)
+    small = dataset.OasisSlices("test", str(tmp_path), img_size=16).images[0]
+    # a point-sampled resize would give pure 0 or 255; an antialiased one averages to mid-grey
+    assert np.all(np.abs(small.astype(int) - 128) <= 1)
+
+
+def test_dataloader_shuffles_only_training_modes_and_repeats_with_seed(oasis_dir):
+    def order(mode, seed):
+        loader = dataset.get_dataloader(mode, 4, str(oasis_dir), 32, seed=seed)
+        return [(b.item(), z.item()) for _, _, brains, zs in loader for b, z in zip(brains, zs)]
+    assert order("test", 0) == [(7, z) for z in range(12)]
+    assert order("train", 0) != sorted(order("train", 0))
+    assert order("train", 0) == order("train", 0)
+    assert order("train", 0) != order("train", 1)
+    images, segs, brains, zs = next(iter(dataset.get_dataloader("validate", 5, str(oasis_dir), 32)))
+    assert images.shape == (5, 1, 32, 32) and segs.shape == (5, 1, 32, 32)
+    assert zs.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_seg_is_none_without_seg_folders(oasis_dir):
+    for split in dataset.SPLITS:
+        os.rename(oasis_dir / f"keras_png_slices_seg_{split}", oasis_dir / f"unused_seg_{split}")
+    image, seg, _, _ = dataset.OasisSlices("train", str(oasis_dir), 32)[0]
+    assert seg is None
+    images, segs, _, _ = next(iter(dataset.get_dataloader("test", 4, str(oasis_dir), 32)))
+    assert segs is None and images.shape == (4, 1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- clear errors
+def test_missing_data_dir_prints_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="(?s)nowhere.*keras_png_slices_train/case_402"):
+        dataset.OasisSlices("train", str(tmp_path / "nowhere"), 32)
+
+
+def test_missing_split_folder_is_named(oasis_dir):
+    os.rename(oasis_dir / "keras_png_slices_test", oasis_dir / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="keras_png_slices_test does not exist"):
+        dataset.OasisSlices("test", str(oasis_dir), 32)
+
+
+def test_folder_without_matching_files(tmp_path):
+    os.makedirs(tmp_path / "keras_png_slices_train")
+    (tmp_path / "keras_png_slices_train" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="no slice PNGs in .*keras_png_slices_train"):
+        dataset.OasisSlices("train", str(tmp_path), 32)
+
+
+def test_corrupt_png_is_named(oasis_dir):
+    bad = oasis_dir / "keras_png_slices_test" / "case_7_slice_4.nii.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    with pytest.raises(ValueError, match="cannot read image .*case_7_slice_4.nii.png"):
+        dataset.OasisSlices("test", str(oasis_dir), 32)
+
+
+def test_unparseable_name_is_named(oasis_dir):
+    write_png(str(oasis_dir / "keras_png_slices_test" / "case_7_z_4.png"), np.zeros((32, 32)))
+    with pytest.raises(ValueError, match="cannot parse brain id and z-index from .*case_7_z_4.png"):
+        dataset.OasisSlices("test", str(oasis_dir), 32)
+
+
+def test_mixed_image_sizes_name_both_files(oasis_dir):
+    write_png(str(oasis_dir / "keras_png_slices_test" / "case_7_slice_9.nii.png"), np.zeros((48, 48)))
+    with pytest.raises(ValueError, match="case_7_slice_9.nii.png is 48x48 but .*case_7_slice_0.nii.png is 32x32"):
+        dataset.OasisSlices("test", str(oasis_dir), 32)
+
+
+def test_seg_files_that_do_not_pair(oasis_dir):
+    os.remove(oasis_dir / "keras_png_slices_seg_validate" / "seg_5_slice_3.nii.png")
+    with pytest.raises(ValueError, match=r"do not pair .*\[\(5, 3\)\]"):
+        dataset.OasisSlices("validate", str(oasis_dir), 32)
+
+
+def test_brain_in_two_splits(oasis_dir):
+    write_png(str(oasis_dir / "keras_png_slices_validate" / "case_3_slice_0.nii.png"), np.zeros((32, 32)))
+    write_png(str(oasis_dir / "keras_png_slices_seg_validate" / "seg_3_slice_0.nii.png"), np.zeros((32, 32)))
+    with pytest.raises(ValueError, match="brain 3 appears in more than one split"):
+        dataset.OasisSlices("train_and_validate", str(oasis_dir), 32)
+
+
+# ----------------------------------------------------------------------------- demo brains
+def test_demo_brains_look_like_skull_stripped_axial_t1(demo_dir):
+    data = dataset.OasisSlices("all", demo_dir, img_size=256)
+    assert len(data) == 4 * 32 and sorted(set(data.brains)) == [1, 2, 3, 4]
+    assert data.images.shape[1:] == (256, 256)
+    assert data.segs is not None
+    border = np.concatenate([data.images[:, :8].ravel(), data.images[:, -8:].ravel(),
+                             data.images[:, :, :8].ravel(), data.images[:, :, -8:].ravel()])
+    assert border.max() == 0                       # black background around the brain
+    brain = data.images > 0
+    assert 0.2 < brain.mean() < 0.7
+    # T1 contrast: white matter brighter than grey matter, grey brighter than CSF
+    means = [data.images[data.segs == label].mean() for label in (1, 2, 3)]
+    assert means[0] < means[1] < means[2]
+    # middle slices hold more brain than the top ones (axial slices spanning the brain)
+    area_by_z = brain.reshape(4, 32, -1).mean(axis=(0, 2))
+    assert area_by_z[12:20].mean() > 1.3 * area_by_z[28:].mean()
+
+
+def test_demo_brains_are_deterministic_and_distinct(demo_dir, tmp_path):
+    again = dataset.build_demo_brains(str(tmp_path / "again"), (2, 1, 1), 0)
+    name = "keras_png_slices_train/case_2_slice_16.nii.png"
+    first = np.asarray(Image.open(os.path.join(demo_dir, name)))
+    assert np.array_equal(first, np.asarray(Image.open(os.path.join(again, name))))
+    other_brain = np.asarray(Image.open(os.path.join(demo_dir, name.replace("case_2", "case_1"))))
+    assert np.abs(first.astype(int) - other_brain).mean() > 5
+    assert not os.path.exists(str(tmp_path / "again") + ".partial")
+
+
+def test_convert_nifti_volumes_to_oasis_layout(tmp_path):
+    import nibabel
+    template = nibabel.load(dataset.template_path("t1"))
+    small = nibabel.Nifti1Image(np.asarray(template.dataobj)[::2, ::2, ::2].astype(np.float32),
+                                template.affine @ np.diag([2, 2, 2, 1]))
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"scan{i}.nii.gz"))
+        nibabel.save(small, paths[-1])
+    out = dataset.convert_nifti(paths, str(tmp_path / "converted"), (1, 1, 1))
+    for split in dataset.SPLITS:
+        data = dataset.OasisSlices(split, out, 64)
+        assert len(data) == 32 and data.segs is None
+        assert data.images[:, 0].max() == 0 and data.images.max() > 200

@@ -1,0 +1,177 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+import dataset
+import util
+
+
+# ----------------------------------------------------------------------------- SSIM
+@pytest.fixture(scope="module")
+def slice_pairs(demo_dir):
+    """Real demo slices in [0, 1] and degraded copies (noise + blur), (B, 1, 64, 64)."""
+    images = torch.from_numpy(dataset.OasisSlices("train", demo_dir, 64).images[::8]).float() / 255
+    images = images[:, None]
+    generator = torch.Generator().manual_seed(0)
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
+    degraded = (blurred + 0.05 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    return images, degraded
+
+
+def test_ssim_of_identical_images_is_one(slice_pairs):
+    images, _ = slice_pairs
+    assert util.ssim(images, images).item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(util.ssim(images, images, size_average=False), torch.ones(len(images)))
+
+
+def test_ssim_matches_scikit_image_away_from_the_border(slice_pairs):
+    """scikit-image uses the same Gaussian window (sigma 1.5, truncate 3.5 -> 11 taps) but
+    averages only the map's interior (it crops (11-1)/2 = 5 px); our map pads with zeros and
+    keeps the border. Crop our map the same way and the two must agree."""
+    images, degraded = slice_pairs
+    ours = util.ssim_map(images, degraded)[:, :, 5:-5, 5:-5].flatten(1).mean(1)
+    reference = [structural_similarity(a[0].numpy().astype(np.float64), b[0].numpy().astype(np.float64),
+                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                       data_range=1.0)
+                 for a, b in zip(images, degraded)]
+    assert np.allclose(ours.numpy(), reference, atol=1e-4)
+    # and the full-image score (borders included) is a per-image mean of the same map
+    full = util.ssim(images, degraded, size_average=False)
+    assert torch.allclose(full, util.ssim_map(images, degraded).flatten(1).mean(1))
+    assert util.ssim(images, degraded).item() == pytest.approx(full.mean().item())
+
+
+def test_ssim_falls_as_noise_grows_and_is_symmetric(slice_pairs):
+    images, _ = slice_pairs
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(images.shape, generator=generator)
+    scores = [util.ssim(images, (images + level * noise).clamp(0, 1)).item() for level in (0.01, 0.05, 0.2)]
+    assert scores[0] > scores[1] > scores[2]
+    noisy = (images + 0.05 * noise).clamp(0, 1)
+    assert util.ssim(images, noisy).item() == pytest.approx(util.ssim(noisy, images).item(), abs=1e-6)
+
+
+def test_ssim_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        util.ssim(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ssim_on_cuda_matches_cpu(slice_pairs):
+    images, degraded = slice_pairs
+    assert util.ssim(images.cuda(), degraded.cuda()).item() == pytest.approx(
+        util.ssim(images, degraded).item(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- embedding, seed, device
+def test_sinusoidal_embedding_against_formula():
+    positions = torch.tensor([0, 1, 7, 31])
+    embedding = util.sinusoidal_embedding(positions, 16)
+    assert embedding.shape == (4, 16)
+    freqs = np.exp(-np.log(10000.0) * np.arange(8) / 8)
+    angles = np.array([0, 1, 7, 31])[:, None] * freqs[None]
+    assert np.allclose(embedding.numpy(), np.concatenate([np.cos(angles), np.sin(angles)], 1), atol=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        util.sinusoidal_embedding(positions, 15)
+
+
+def test_seed_everything_repeats_all_generators():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(3).tolist()
+    util.seed_everything(123)
+    first = draw()
+    util.seed_everything(123)
+    assert draw() == first
+    util.seed_everything(124)
+    assert draw() != first
+
+
+def test_device_is_cuda_only_when_present():
+    assert util.get_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_and_config_check(tmp_path):
+    path = str(tmp_path / "ckpt" / "last.pt")
+    model = torch.nn.Linear(3, 2)
+    util.save_checkpoint({"model": model.state_dict(), "config": {"WIDTH": 3, "LR": 0.1}, "epoch": 4}, path)
+    loaded = util.load_checkpoint(path, {"WIDTH": 3, "LR": 0.5}, shape_keys=("WIDTH",))
+    assert loaded["epoch"] == 4 and torch.equal(loaded["model"]["weight"], model.weight)
+    with pytest.raises(ValueError, match="(?s)another config.*WIDTH: checkpoint 3, script 8"):
+        util.load_checkpoint(path, {"WIDTH": 8, "LR": 0.1}, shape_keys=("WIDTH",))
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    util.save_checkpoint({"epoch": 1}, path)
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        util.save_checkpoint({"epoch": 2}, path)
+    assert util.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_load_refuses_corrupt_missing_and_pickled_objects(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt.pt cannot be read"):
+        util.load_checkpoint(str(corrupt))
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        util.load_checkpoint(str(tmp_path / "missing.pt"))
+    pickled = str(tmp_path / "module.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)   # a whole pickled module, as the original did
+    with pytest.raises(RuntimeError, match="module.pt cannot be read"):
+        util.load_checkpoint(pickled)
+
+
+# ----------------------------------------------------------------------------- config overrides
+def script_constants():
+    return {"BATCH_SIZE": 16, "LR": 2e-4, "MODE": "VQVAE", "USE_BF16": False,
+            "CHANNEL_MULTS": (1, 2, 2), "DATA_DIR": None, "helper": len, "lower_case": 3}
+
+
+def test_command_line_overrides_with_types():
+    namespace = script_constants()
+    config = util.apply_overrides(namespace, ["--BATCH_SIZE=8", "--LR=1", "--MODE=VAE", "--USE_BF16=True",
+                                              "--CHANNEL_MULTS=[1,2,4]", "--DATA_DIR=/data/oasis"])
+    assert config == {"BATCH_SIZE": 8, "LR": 1.0, "MODE": "VAE", "USE_BF16": True,
+                      "CHANNEL_MULTS": (1, 2, 4), "DATA_DIR": "/data/oasis"}
+    assert namespace["BATCH_SIZE"] == 8 and type(namespace["LR"]) is float
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--BATCH=8", "unknown constant 'BATCH'"),
+    ("--lower_case=1", "unknown constant 'lower_case'"),
+    ("--BATCH_SIZE=1.5", "BATCH_SIZE must be a int like its default 16, got 1.5"),
+    ("--BATCH_SIZE=True", "BATCH_SIZE must be a int"),
+    ("--USE_BF16=1", "USE_BF16 must be a bool"),
+    ("--LR=fast", "cannot parse the value for LR"),
+    ("--LR", "expected --NAME=value"),
+    ("missing_preset.py", "config file missing_preset.py does not exist"),
+])
+def test_bad_overrides_are_clear_errors(argument, message):
+    with pytest.raises(SystemExit, match=message):
+        util.apply_overrides(script_constants(), [argument])
+
+
+def test_config_file_then_command_line(tmp_path):
+    preset = tmp_path / "gpu.py"
+    preset.write_text("# a preset\nBATCH_SIZE = 64\nCHANNEL_MULTS = (1, 1, 2, 2, 4)\n_scratch = 1\n")
+    namespace = script_constants()
+    config = util.apply_overrides(namespace, [str(preset), "--BATCH_SIZE=32"])
+    assert config["BATCH_SIZE"] == 32 and config["CHANNEL_MULTS"] == (1, 1, 2, 2, 4)
+    preset.write_text("BACTH_SIZE = 64\n")
+    with pytest.raises(SystemExit, match="gpu.py: unknown constant 'BACTH_SIZE'"):
+        util.apply_overrides(script_constants(), [str(preset)])
+    preset.write_text("LR = '1e-3'\n")
+    with pytest.raises(SystemExit, match="gpu.py: LR must be a float"):
+        util.apply_overrides(script_constants(), [str(preset)])

@@ -1,0 +1,193 @@
+"""Shared helpers: SSIM, sinusoidal embeddings, seeding, device choice, checkpoints and the
+`--NAME=value` / config-file override every script uses."""
+import ast
+import math
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- SSIM
+def gaussian_window(size=11, sigma=1.5):
+    """Normalised 2-D Gaussian window (size x size)."""
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim_map(img1, img2, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03):
+    """Per-pixel SSIM of (B, C, H, W) images. Window statistics come from a depthwise
+    convolution with zero padding, so the map has the input's size and border windows count
+    (the original repo's definition). Variances are population variances."""
+    if img1.shape != img2.shape or img1.dim() != 4:
+        raise ValueError(f"ssim expects two (B, C, H, W) tensors of one shape, got "
+                         f"{tuple(img1.shape)} and {tuple(img2.shape)}")
+    img1, img2 = img1.float(), img2.float()
+    channels = img1.shape[1]
+    window = gaussian_window(window_size, sigma).to(img1)
+    window = window.expand(channels, 1, window_size, window_size).contiguous()
+
+    def local_mean(x):
+        return F.conv2d(x, window, padding=window_size // 2, groups=channels)
+
+    mu1, mu2 = local_mean(img1), local_mean(img2)
+    var1 = local_mean(img1 * img1) - mu1 ** 2
+    var2 = local_mean(img2 * img2) - mu2 ** 2
+    covar = local_mean(img1 * img2) - mu1 * mu2
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    return ((2 * mu1 * mu2 + c1) * (2 * covar + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (var1 + var2 + c2))
+
+
+def ssim(img1, img2, size_average=True):
+    """SSIM of (B, C, H, W) images in [0, 1]: 11x11 Gaussian window (sigma 1.5), K1 0.01,
+    K2 0.03, data range 1. Returns the mean over the batch of per-image scores, or the
+    per-image scores (B,) when size_average is False."""
+    per_image = ssim_map(img1, img2).flatten(1).mean(1)
+    return per_image.mean() if size_average else per_image
+
+
+# ----------------------------------------------------------------------------- embeddings
+def sinusoidal_embedding(positions, dim, max_period=10000.0):
+    """Transformer / diffusion-timestep embedding: (N,) positions -> (N, dim) as [cos | sin]."""
+    if dim % 2:
+        raise ValueError(f"sinusoidal_embedding needs an even dim, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs.to(positions.device)[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+# ----------------------------------------------------------------------------- runtime
+def seed_everything(seed):
+    """Seed Python, numpy and torch (all devices) so a CPU run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device():
+    """CUDA when present, else CPU: nothing in the project needs a GPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_image_grid(images, path, nrow=8):
+    """Save (B, 1, H, W) images in [-1, 1] as one PNG grid of `nrow` columns."""
+    from torchvision.utils import save_image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(images.detach().float().cpu().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(obj, path):
+    """Write `obj` with torch.save to a temporary file beside `path`, then rename it over
+    `path`: a run killed mid-save leaves the previous checkpoint intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def load_checkpoint(path, config=None, shape_keys=(), map_location="cpu"):
+    """Load a checkpoint dict saved by save_checkpoint (weights_only=True: tensors and plain
+    Python values only). With `config`, refuse a checkpoint whose stored config differs
+    from it in any of `shape_keys` (the constants that set tensor shapes)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({error}); it is corrupt or "
+                           f"not a checkpoint of this project") from error
+    if config is not None:
+        stored = checkpoint.get("config", {})
+        differing = [f"{key}: checkpoint {stored.get(key)!r}, script {config.get(key)!r}"
+                     for key in shape_keys if stored.get(key) != config.get(key)]
+        if differing:
+            raise ValueError(f"checkpoint {path} was made with another config, so its tensor "
+                             f"shapes do not fit this script's model:\n  " + "\n  ".join(differing)
+                             + "\nUse the same settings, or point the script elsewhere.")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- config overrides
+def config_names(namespace):
+    """The user-editable constants of a script: its upper-case globals of plain types."""
+    return [name for name, value in namespace.items()
+            if name.isupper() and not name.startswith("_")
+            and isinstance(value, (int, float, bool, str, tuple, list, type(None)))]
+
+
+def _checked_value(name, default, value, source):
+    """`value` converted to the type of `default`, or a clear error naming the constant."""
+    if default is None:
+        return value
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    # bool is a subclass of int: compare exact types so True never passes for an int
+    if type(value) is not type(default):
+        raise TypeError(f"{source}: {name} must be a {type(default).__name__} like its default "
+                        f"{default!r}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_literal(text, default):
+    """Parse a command-line value: a Python literal, or the raw text for string constants."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if isinstance(default, str) or default is None:
+            return text
+        raise
+
+
+def apply_overrides(namespace, argv=None):
+    """Override a script's upper-case constants in place, nanoGPT style. Arguments are read
+    left to right: `path/to/preset.py` executes a small config file of plain assignments,
+    `--NAME=value` sets one constant (a Python literal; bare text for strings). Unknown names
+    and values of the wrong type are errors. Returns the final {name: value} config."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = config_names(namespace)
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise SystemExit(f"argument {arg!r}: expected --NAME=value")
+            name, text = arg[2:].split("=", 1)
+            updates, source = {name: text}, f"argument {arg!r}"
+        else:
+            if not os.path.isfile(arg):
+                raise SystemExit(f"config file {arg} does not exist (expected a .py file of "
+                                 f"NAME = value lines, or --NAME=value)")
+            assignments = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), {}, assignments)
+            updates = {k: v for k, v in assignments.items() if not k.startswith("_")}
+            source = f"config file {arg}"
+        for name, value in updates.items():
+            if name not in names:
+                raise SystemExit(f"{source}: unknown constant {name!r}; this script has: "
+                                 + ", ".join(sorted(names)))
+            default = namespace[name]
+            try:
+                if isinstance(value, str) and source.startswith("argument"):
+                    value = _parse_literal(value, default)
+                namespace[name] = _checked_value(name, default, value, source)
+            except (TypeError, ValueError, SyntaxError) as error:
+                raise SystemExit(str(error) if isinstance(error, TypeError) else
+                                 f"{source}: cannot parse the value for {name}: {error}")
+    return {name: namespace[name] for name in names}
