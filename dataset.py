@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import util
 
@@ -160,13 +160,19 @@ def collate_slices(batch):
 
 def get_dataloader(mode, batch_size, data_dir=None, img_size=IMG_SIZE, shuffle=None,
                    seed=0, num_workers=0, drop_last=None):
-    """A DataLoader over OasisSlices(mode). Shuffles (reproducibly, from `seed`) and drops the
-    last partial batch only for the training modes unless told otherwise."""
+    """A DataLoader over OasisSlices(mode). Shuffles and drops the last partial batch only for
+    the training modes unless told otherwise. Shuffling goes through a DistributedSampler
+    seeded with `seed`: call loader.sampler.set_epoch(epoch) each epoch for a new order that
+    a resumed run repeats exactly; under torchrun each process gets its own share."""
     training = mode in TRAINING_MODES
-    return DataLoader(OasisSlices(mode, data_dir, img_size), batch_size=batch_size,
-                      shuffle=training if shuffle is None else shuffle,
+    shuffle = training if shuffle is None else shuffle
+    data = OasisSlices(mode, data_dir, img_size)
+    sampler = None
+    if shuffle:
+        world_size, rank = util.world_size_and_rank()
+        sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler,
                       drop_last=training if drop_last is None else drop_last,
-                      generator=torch.Generator().manual_seed(seed),
                       num_workers=num_workers, collate_fn=collate_slices)
 
 

@@ -83,6 +83,27 @@ def save_image_grid(images, path, nrow=8):
     save_image(images.detach().float().cpu().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)
 
 
+def world_size_and_rank():
+    """(number of processes, this process's rank): (1, 0) unless run under torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def setup_distributed():
+    """Join the process group when launched by torchrun (nccl on GPU, gloo on CPU) and return
+    this process's device; a plain `python script.py` run just gets get_device()."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return get_device()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    torch.distributed.init_process_group("gloo")
+    return torch.device("cpu")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(obj, path):
     """Write `obj` with torch.save to a temporary file beside `path`, then rename it over

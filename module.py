@@ -1,0 +1,200 @@
+"""Network building blocks shared by the first-stage autoencoders, the discriminator and the
+latent diffusion U-Net: condition embedding, res block, attention, resampling, and a vector
+quantizer that keeps its whole codebook in use."""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import util
+
+
+def group_norm(channels):
+    """GroupNorm with 32 groups, or the largest divisor of `channels` below that."""
+    groups = max(g for g in range(1, 33) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ConditionEmbedding(nn.Module):
+    """Integer condition (slice z-index, diffusion timestep) -> vector: a fixed sinusoidal table
+    followed by a small MLP, the way diffusion models embed the timestep."""
+
+    def __init__(self, num_positions, dim):
+        super().__init__()
+        self.register_buffer("table", util.sinusoidal_embedding(torch.arange(num_positions), dim),
+                             persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, positions):
+        return self.mlp(self.table[positions])
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with GroupNorm + SiLU and a residual path; an optional condition vector is
+    projected to a per-channel shift between them."""
+
+    def __init__(self, in_channels, out_channels, cond_dim=None, dropout=0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, out_channels)) if cond_dim else None
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, cond=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.cond_proj is not None:
+            h = h + rearrange(self.cond_proj(cond), "b c -> b c 1 1")
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, residual."""
+
+    def __init__(self, channels, num_heads=1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        height = x.shape[2]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three heads c) h w -> three b heads (h w) c",
+                            three=3, heads=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(rearrange(out, "b heads (h w) c -> b (heads c) h w", h=height))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv (to out_channels: narrowing here keeps the costly
+    high-resolution convs thin)."""
+
+    def __init__(self, channels, out_channels=None):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _all_reduce_sum(tensor):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _broadcast(tensor):
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code vector quantisation with a straight-through gradient.
+
+    The original repo learned its codebook by gradient and ended with a handful of live codes:
+    a code no encoder output is near never receives gradient and stays dead. Here:
+    - the codebook starts from encoder outputs of the first training batch (data init), so every
+      code begins where the data is;
+    - codes follow exponential moving averages of the outputs assigned to them (EMA updates,
+      VQ-VAE-2 style), which is stabler than a codebook loss and needs no codebook gradient;
+    - a code whose EMA usage falls below `dead_code_threshold` vectors per step is restarted
+      on a random encoder output of the current batch.
+    Only the commitment loss (weight beta) trains the encoder. Under torch.distributed the EMA
+    statistics are summed over processes and restarts come from rank 0, so every process keeps
+    the same codebook."""
+
+    def __init__(self, num_codes, code_dim, commitment_weight=0.25, ema_decay=0.99,
+                 dead_code_threshold=1.0, eps=1e-5):
+        super().__init__()
+        self.num_codes, self.code_dim = num_codes, code_dim
+        self.commitment_weight, self.ema_decay = commitment_weight, ema_decay
+        self.dead_code_threshold, self.eps = dead_code_threshold, eps
+        self.register_buffer("codebook", torch.randn(num_codes, code_dim))
+        self.register_buffer("ema_cluster_size", torch.ones(num_codes))
+        self.register_buffer("ema_code_sum", self.codebook.clone())
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def nearest_code(self, vectors):
+        """Index of the nearest code (Euclidean) for each row of vectors (N, code_dim), in fp32."""
+        vectors, codebook = vectors.float(), self.codebook.float()
+        distances = (vectors.pow(2).sum(1, keepdim=True) - 2 * vectors @ codebook.T
+                     + codebook.pow(2).sum(1)[None])
+        return distances.argmin(1)
+
+    def embed_indices(self, indices):
+        """Code indices (B, H, W) -> quantised latents (B, code_dim, H, W)."""
+        return rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w")
+
+    def _random_rows(self, vectors, count):
+        """`count` random rows of vectors (with replacement when there are too few), same on all ranks."""
+        rows = vectors[torch.randint(len(vectors), (count,), device=vectors.device)]
+        return _broadcast(rows.contiguous())
+
+    @torch.no_grad()
+    def _initialise(self, vectors):
+        self.codebook.copy_(self._random_rows(vectors, self.num_codes))
+        self.ema_code_sum.copy_(self.codebook)
+        self.ema_cluster_size.fill_(1.0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, vectors, indices):
+        one_hot = F.one_hot(indices, self.num_codes).type(vectors.dtype)
+        self.ema_cluster_size.lerp_(_all_reduce_sum(one_hot.sum(0)), 1 - self.ema_decay)
+        self.ema_code_sum.lerp_(_all_reduce_sum(one_hot.T @ vectors), 1 - self.ema_decay)
+        # Laplace smoothing keeps rarely used codes from dividing by ~0
+        total = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
+        self.codebook.copy_(self.ema_code_sum / smoothed[:, None])
+        dead = self.ema_cluster_size < self.dead_code_threshold
+        if dead.any():
+            restarted = self._random_rows(vectors, int(dead.sum()))
+            self.codebook[dead] = restarted
+            self.ema_code_sum[dead] = restarted
+            self.ema_cluster_size[dead] = self.dead_code_threshold
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, latents):
+        """latents (B, code_dim, H, W) -> (quantised with straight-through gradient, indices
+        (B, H, W), commitment loss). In training mode the codebook is updated afterwards.
+        Runs in fp32 under autocast: distances and EMA sums need the precision."""
+        batch, _, height, width = latents.shape
+        vectors = rearrange(latents, "b d h w -> (b h w) d").float()
+        if self.training and not self.initialised:
+            self._initialise(vectors.detach())
+        indices = self.nearest_code(vectors)
+        quantised = rearrange(self.codebook[indices], "(b h w) d -> b d h w", b=batch, h=height)
+        if self.training:
+            self._ema_update(vectors.detach(), indices)
+        latents = latents.float()
+        commitment = self.commitment_weight * F.mse_loss(latents, quantised)
+        quantised = latents + (quantised - latents).detach()
+        return quantised, rearrange(indices, "(b h w) -> b h w", b=batch, h=height), commitment
+
+
+def codebook_stats(code_counts):
+    """Usage of a codebook from its code counts (any shape ending in num_codes):
+    active_share = share of codes used at least once, perplexity = exp(entropy of usage),
+    which equals the number of codes for perfectly even use."""
+    counts = code_counts.reshape(-1, code_counts.shape[-1]).sum(0).double()
+    probabilities = counts / counts.sum().clamp(min=1)
+    entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum()
+    return {"active_share": (counts > 0).double().mean().item(), "perplexity": math.exp(entropy.item())}

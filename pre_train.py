@@ -1,0 +1,295 @@
+"""First stage: train a VQVAE-GAN or VAE-GAN on 2-D brain slices, conditioned on the slice index z.
+
+    python pre_train.py                          # CPU preset below, on the built-in demo brains
+    python pre_train.py --MODE=VAE               # the VAE-GAN
+    python pre_train.py config/pre_train_oasis_gpu.py --DATA_DIR=/data/oasis   # the original's size
+    torchrun --nproc_per_node=2 pre_train.py     # DistributedDataParallel, same script
+
+Losses (taming-transformers style): L1 reconstruction + VQ commitment (VQVAE, always on) or
+cyclically annealed KL (VAE); after GAN_START_STEP, the hinge PatchGAN generator term on
+reconstructions and on images decoded from random latents, weighted by the adaptive weight.
+Each epoch writes log/<run>.log, grids in visualize/ and model_ckpt/<run>_last.pt (plus
+_best.pt, by validation SSIM); re-running resumes from _last.pt. At the end the best epoch is
+scored once on the test split and log/<run>_summary.json is written.
+"""
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import dataset
+import util
+from logger import TrainingLog
+from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
+from model_VAE import VAE, VQVAE
+from module import codebook_stats
+
+# ----------------------------------------------------------------------------- config (CPU preset)
+MODE = "VQVAE"               # "VQVAE" or "VAE"
+RUN_NAME = ""                # names checkpoints, logs and images; "" = mode in lower case
+DATA_DIR = None              # OASIS-layout folder; None = the built-in demo brains
+IMG_SIZE = 64                # 64 on CPU; the original used 256
+TRAIN_SPLIT = "train"        # "train": best epoch by validate SSIM, test scored once at the end;
+                             # "train_and_validate": the original's way, no model selection
+# model
+Z_CONDITIONING = True        # condition encoder, decoder and discriminator on the slice index
+PATCH_SIZE = 2               # space-to-depth before the first level: 2 runs it at half resolution
+BASE_CHANNELS = 32
+CHANNEL_MULTS = (1, 2)       # one level per entry; downsampling factor PATCH_SIZE * 2 ** (levels - 1)
+ENCODER_RES_BLOCKS = 1       # res blocks per encoder level (or a tuple, one count per level)
+DECODER_RES_BLOCKS = 1       # res blocks per decoder level (or a tuple)
+ATTENTION = True             # self-attention at the lowest level and in the middle
+LATENT_CHANNELS = 8          # VAE latent channels
+NUM_CODES = 256              # VQVAE codebook size
+CODE_DIM = 8                 # VQVAE code dimension
+DISC_CHANNELS = 32           # PatchGAN base channels
+DISC_LAYERS = 2              # PatchGAN stride-2 layers
+# optimisation
+EPOCHS = 20
+BATCH_SIZE = 16              # per process
+LR = 2e-4
+BETAS = (0.5, 0.9)
+GAN_START_STEP = 1000        # GAN terms (and discriminator updates) start after this many steps
+GAN_WEIGHT = 0.5             # times the adaptive weight ||grad L_rec|| / ||grad L_gan||
+KL_WEIGHT = 1e-6             # VAE: KL weight at the top of each annealing cycle
+KL_CYCLE_STEPS = 500         # VAE: the KL weight ramps from half to full over each cycle
+USE_BF16 = False             # bf16 autocast on CPU (on CUDA mixed precision is always used)
+SEED = 0
+CKPT_DIR = "model_ckpt"
+LOG_DIR = "log"
+VISUALIZE_DIR = "visualize"
+
+# constants that fix tensor shapes: a checkpoint made with other values cannot be loaded
+SHAPE_KEYS = ("MODE", "IMG_SIZE", "Z_CONDITIONING", "PATCH_SIZE", "BASE_CHANNELS", "CHANNEL_MULTS", "ATTENTION",
+              "ENCODER_RES_BLOCKS", "DECODER_RES_BLOCKS", "LATENT_CHANNELS", "NUM_CODES",
+              "CODE_DIM", "DISC_CHANNELS", "DISC_LAYERS")
+NUM_Z = dataset.SLICES_PER_BRAIN
+
+
+def build_model(config):
+    """The first-stage model a config describes (used again by the second-stage scripts)."""
+    common = dict(base_channels=config["BASE_CHANNELS"], channel_mults=tuple(config["CHANNEL_MULTS"]),
+                  num_res_blocks_encoder=config["ENCODER_RES_BLOCKS"],
+                  num_res_blocks_decoder=config["DECODER_RES_BLOCKS"],
+                  attention=config["ATTENTION"], patch_size=config["PATCH_SIZE"],
+                  num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None)
+    if config["MODE"] == "VQVAE":
+        return VQVAE(num_codes=config["NUM_CODES"], code_dim=config["CODE_DIM"], **common)
+    if config["MODE"] == "VAE":
+        return VAE(latent_channels=config["LATENT_CHANNELS"], **common)
+    raise SystemExit(f"MODE must be 'VQVAE' or 'VAE', got {config['MODE']!r}")
+
+
+def kl_weight(step):
+    """Cyclical annealing: KL_WEIGHT * (0.5 -> 1) linearly over each KL_CYCLE_STEPS steps."""
+    return KL_WEIGHT * (0.5 + 0.5 * (step % KL_CYCLE_STEPS) / KL_CYCLE_STEPS)
+
+
+def random_latents(model, code_histogram, n, generator=None):
+    """Latents to decode for the auxiliary GAN term: N(0, I) for the VAE; for the VQVAE, codes
+    drawn per position from the last epoch's code histogram."""
+    if isinstance(model, VQVAE):
+        return model.quantizer.embed_indices(model.sample_code_indices(code_histogram, n))
+    return torch.randn((n,) + model.latent_shape(IMG_SIZE), device=code_histogram.device)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast):
+    """Mean per-image SSIM of reconstructions in [0, 1], and the code counts used (VQVAE)."""
+    model.eval()
+    scores, code_counts = [], None
+    for images, _, _, zs in loader:
+        images, zs = images.to(device), zs.to(device)
+        with autocast():
+            reconstruction, indices = model.reconstruct(images, zs)
+        scores.append(util.ssim((images + 1) / 2, (reconstruction.float().clamp(-1, 1) + 1) / 2,
+                                size_average=False))
+        if indices is not None:
+            counts = torch.bincount(indices.flatten(), minlength=model.num_codes)
+            code_counts = counts if code_counts is None else code_counts + counts
+    model.train()
+    return torch.cat(scores).mean().item(), code_counts
+
+
+@torch.no_grad()
+def save_grids(model, loader, code_histogram, device, epoch):
+    """Originals above reconstructions of the first brain of `loader` (32 slices each), and
+    32 random samples, z = 0..31, to visualize/."""
+    model.eval()
+    images, _, _, zs = next(iter(loader))
+    images, zs = images[:NUM_Z].to(device), zs[:NUM_Z].to(device)
+    reconstruction, _ = model.reconstruct(images, zs)
+    util.save_image_grid(torch.cat([images, reconstruction.float()]),
+                         os.path.join(VISUALIZE_DIR, f"{run_name}_reconstruction_epoch{epoch:03d}.png"))
+    all_z = torch.arange(NUM_Z, device=device)
+    samples = model.sample(NUM_Z, all_z, code_histogram) if isinstance(model, VQVAE) else model.sample(NUM_Z, all_z, IMG_SIZE)
+    util.save_image_grid(samples.float(), os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch:03d}.png"))
+    model.train()
+
+
+if __name__ == "__main__":
+    config = util.apply_overrides(globals())
+    run_name = RUN_NAME or MODE.lower()
+    device = util.setup_distributed()
+    world_size, rank = util.world_size_and_rank()
+    is_main = rank == 0
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    util.seed_everything(SEED)
+    if device.type == "cuda":   # bf16 where the GPU has it, else fp16 autocast
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        amp_dtype = torch.bfloat16 if USE_BF16 else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    train_loader = dataset.get_dataloader(TRAIN_SPLIT, BATCH_SIZE, DATA_DIR, IMG_SIZE, seed=SEED)
+    validate_loader = dataset.get_dataloader("validate", 32, DATA_DIR, IMG_SIZE)
+    model = build_model(config).to(device)
+    discriminator = PatchDiscriminator(in_channels=1, base_channels=DISC_CHANNELS, num_layers=DISC_LAYERS,
+                                       num_z_positions=NUM_Z if Z_CONDITIONING else None).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS)
+    disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS)
+    latent_grid = model.latent_shape(IMG_SIZE)[1:]
+    code_histogram = torch.ones(*latent_grid, NUM_CODES, device=device)   # uniform until one epoch is seen
+
+    last_path = os.path.join(CKPT_DIR, f"{run_name}_last.pt")
+    best_path = os.path.join(CKPT_DIR, f"{run_name}_best.pt")
+    start_epoch, step, best_val_ssim, train_seconds, train_images = 0, 0, -1.0, 0.0, 0
+    if os.path.exists(last_path):
+        checkpoint = util.load_checkpoint(last_path, config, SHAPE_KEYS)
+        model.load_state_dict(checkpoint["model"])
+        discriminator.load_state_dict(checkpoint["discriminator"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        disc_optimizer.load_state_dict(checkpoint["disc_optimizer"])
+        code_histogram = checkpoint["code_histogram"].to(device)
+        start_epoch, step, best_val_ssim = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_ssim"]
+        train_seconds, train_images = checkpoint["train_seconds"], checkpoint["train_images"]
+        torch.set_rng_state(checkpoint["rng_state"])
+        if is_main:
+            print(f"resuming {last_path}: epoch {start_epoch}, step {step}")
+    log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
+        if is_main else None
+    if is_main:
+        print(f"{MODE} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, discriminator "
+              f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M, latent grid {latent_grid}, "
+              f"{len(train_loader.dataset)} training slices, device {device}, {world_size} process(es)")
+
+    core_model = model   # methods and the adaptive weight's last layer live on the unwrapped module
+    if world_size > 1:
+        model = DistributedDataParallel(model)
+        discriminator = DistributedDataParallel(discriminator)
+    core_discriminator = discriminator.module if world_size > 1 else discriminator
+
+    for epoch in range(start_epoch, EPOCHS):
+        train_loader.sampler.set_epoch(epoch)
+        epoch_counts = torch.zeros(*latent_grid, NUM_CODES, device=device)
+        epoch_start = time.time()
+        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
+        for images, _, _, zs in progress:
+            images, zs = images.to(device), zs.to(device)
+            gan_on = step >= GAN_START_STEP
+            with autocast():
+                reconstruction, regulariser, indices = model(images, zs)
+                rec_loss = F.l1_loss(reconstruction.float(), images)
+                if MODE == "VQVAE":
+                    losses = {"rec_loss": rec_loss, "vq_loss": regulariser}
+                    total = rec_loss + regulariser
+                else:
+                    losses = {"rec_loss": rec_loss, "kl_loss": regulariser, "kl_weight": kl_weight(step)}
+                    total = rec_loss + kl_weight(step) * regulariser
+                if gan_on:
+                    # one discriminator call on reconstructions and random-latent decodings;
+                    # the unwrapped discriminator, so its gradients here are never all-reduced
+                    generated = core_model.decode(random_latents(core_model, code_histogram, len(images)), zs)
+                    logits = core_discriminator(torch.cat([reconstruction, generated]), torch.cat([zs, zs]))
+                    g_loss, g_random_loss = (-logits.float()).chunk(2)
+                    g_loss, g_random_loss = g_loss.mean(), g_random_loss.mean()
+                    weight = GAN_WEIGHT * adaptive_gan_weight(rec_loss, g_loss, core_model.last_layer_weight)
+                    total = total + weight * (g_loss + g_random_loss)
+                    losses.update(g_loss=g_loss, g_random_loss=g_random_loss, adaptive_weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+
+            if gan_on:
+                with autocast():
+                    fakes = torch.cat([reconstruction.detach(), generated.detach()])
+                    logits = discriminator(torch.cat([images, fakes]), torch.cat([zs, zs, zs]))
+                    d_loss = hinge_discriminator_loss(*logits.float().split(len(images)))
+                disc_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_optimizer.step()
+                losses["d_loss"] = d_loss
+
+            values = {name: float(value) for name, value in losses.items()}
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"step {step}: {name} is {value}; stopped before saving, so {last_path} still "
+                        f"holds the last good epoch. Try a lower LR or USE_BF16=False.")
+            if indices is not None:
+                epoch_counts += F.one_hot(indices, NUM_CODES).sum(0)
+            if is_main:
+                log.write(step, values)
+                progress.set_postfix(rec=f"{values['rec_loss']:.4f}", gan="on" if gan_on else "off")
+            step += 1
+            train_images += len(images) * world_size
+        train_seconds += time.time() - epoch_start
+
+        if world_size > 1:
+            torch.distributed.all_reduce(epoch_counts)
+        if MODE == "VQVAE":
+            code_histogram = epoch_counts
+        if is_main:
+            val_ssim, _ = evaluate(core_model, validate_loader, device, autocast)
+            epoch_stats = {"val_ssim": val_ssim}
+            if MODE == "VQVAE":
+                usage = codebook_stats(epoch_counts.sum((0, 1)))
+                epoch_stats.update(codebook_usage=usage["active_share"],
+                                   perplexity_share=usage["perplexity"] / NUM_CODES)
+            log.write(step, epoch_stats)
+            save_grids(core_model, validate_loader, code_histogram, device, epoch + 1)
+            improved = val_ssim > best_val_ssim or TRAIN_SPLIT == "train_and_validate"
+            best_val_ssim = max(best_val_ssim, val_ssim)
+            checkpoint = {"config": config, "model": core_model.state_dict(),
+                          "discriminator": core_discriminator.state_dict(), "optimizer": optimizer.state_dict(),
+                          "disc_optimizer": disc_optimizer.state_dict(), "code_histogram": code_histogram,
+                          "epoch": epoch + 1, "step": step, "best_val_ssim": best_val_ssim,
+                          "train_seconds": train_seconds, "train_images": train_images,
+                          "rng_state": torch.get_rng_state()}
+            if improved:
+                util.save_checkpoint(checkpoint, best_path)
+            util.save_checkpoint(checkpoint, last_path)
+            print(f"epoch {epoch + 1}/{EPOCHS} step {step}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in epoch_stats.items())
+                + f", {len(train_loader) * BATCH_SIZE * world_size / (time.time() - epoch_start):.1f} img/s"
+                + (" (best)" if improved else ""))
+        if world_size > 1:
+            torch.distributed.barrier()
+
+    if is_main:
+        best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
+        core_model.load_state_dict(best["model"])
+        test_loader = dataset.get_dataloader("test", 32, DATA_DIR, IMG_SIZE)
+        test_ssim, test_counts = evaluate(core_model, test_loader, device, autocast)
+        summary = {"run": run_name, "mode": MODE, "test_ssim": test_ssim, "best_epoch": best["epoch"],
+                   "best_val_ssim": best["best_val_ssim"], "epochs": EPOCHS, "steps": step,
+                   "train_images_per_second": train_images / max(train_seconds, 1e-9),
+                   "train_seconds": train_seconds,
+                   "parameters": sum(p.numel() for p in core_model.parameters()),
+                   "device": str(device), "processes": world_size, "config": config}
+        if test_counts is not None:
+            usage = codebook_stats(test_counts)
+            summary.update(test_codebook_usage=usage["active_share"], test_perplexity=usage["perplexity"])
+        with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
