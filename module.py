@@ -33,24 +33,26 @@ class ConditionEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convs with GroupNorm + SiLU and a residual path; an optional condition vector is
-    projected to a per-channel shift between them."""
+    """Two 3x3 convs with GroupNorm + SiLU and a residual path. An optional condition vector
+    sets a per-channel scale and shift right after the second norm (ADM's scale-shift norm):
+    a shift added before a GroupNorm whose groups hold one channel each would be normalised away."""
 
     def __init__(self, in_channels, out_channels, cond_dim=None, dropout=0.0):
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, out_channels)) if cond_dim else None
+        self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * out_channels)) if cond_dim else None
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x, cond=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
         if self.cond_proj is not None:
-            h = h + rearrange(self.cond_proj(cond), "b c -> b c 1 1")
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+            scale, shift = rearrange(self.cond_proj(cond), "b (two c) -> two b c 1 1", two=2)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 

@@ -228,7 +228,7 @@ if __name__ == "__main__":
                 disc_optimizer.step()
                 losses["d_loss"] = d_loss
 
-            values = {name: float(value) for name, value in losses.items()}
+            values = {name: value.item() if torch.is_tensor(value) else value for name, value in losses.items()}
             for name, value in values.items():
                 if not math.isfinite(value):
                     raise FloatingPointError(

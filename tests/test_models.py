@@ -1,0 +1,137 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
+from model_VAE import VAE, VQVAE
+from module import VectorQuantizer, codebook_stats
+
+SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks_encoder=1, num_res_blocks_decoder=1,
+             patch_size=2)
+
+
+@pytest.mark.parametrize("conditioned", [True, False])
+def test_autoencoder_shapes(conditioned):
+    torch.manual_seed(0)
+    images, z = torch.rand(3, 1, 64, 64) * 2 - 1, torch.tensor([0, 7, 31])
+    kwargs = dict(SMALL, num_z_positions=32 if conditioned else None)
+    vqvae, vae = VQVAE(num_codes=32, code_dim=4, **kwargs), VAE(latent_channels=6, **kwargs)
+    assert vqvae.encode(images, z).shape == (3, 4, 16, 16) and vqvae.latent_shape(64) == (4, 16, 16)
+    reconstruction, vq_loss, indices = vqvae(images, z)
+    assert reconstruction.shape == images.shape and indices.shape == (3, 16, 16) and vq_loss.ndim == 0
+    assert reconstruction.abs().max() <= 1
+    mean, logvar = vae.encode(images, z)
+    assert mean.shape == logvar.shape == (3, 6, 16, 16)
+    reconstruction, kl, none = vae(images, z)
+    assert reconstruction.shape == images.shape and kl.item() > 0 and none is None
+    assert vae.sample(2, z[:2], 64).shape == (2, 1, 64, 64)
+
+
+def test_z_condition_changes_the_decoder_output():
+    torch.manual_seed(0)
+    model = VQVAE(num_codes=32, code_dim=4, num_z_positions=32, **SMALL).eval()
+    latents = torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1)
+    out = model.decode(latents, torch.tensor([3, 20]))
+    assert (out[0] - out[1]).abs().mean() > 1e-3
+
+
+def test_vae_kl_against_closed_form():
+    model = VAE(latent_channels=2, **SMALL)
+    mean, logvar = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    model.encode = lambda images, z: (mean, logvar)
+    _, kl, _ = model(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1).mean()
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- vector quantizer
+def test_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(16, 3).eval()
+    latents = torch.randn(2, 3, 5, 5, requires_grad=True)
+    quantised, indices, loss = quantizer(latents)
+    vectors = latents.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    assert torch.equal(indices.flatten(), torch.cdist(vectors, quantizer.codebook).argmin(1))
+    assert torch.allclose(quantised.detach(), quantizer.embed_indices(indices))
+    (quantised * torch.arange(5.0)).sum().backward()
+    assert torch.allclose(latents.grad, torch.arange(5.0).expand_as(latents))   # identity gradient
+
+
+def test_ema_moves_codes_toward_their_data():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(4, 2, ema_decay=0.5, dead_code_threshold=0.0)
+    quantizer(torch.randn(1, 2, 8, 8))           # first call: data init
+    target = torch.tensor([3.0, -2.0])
+    code = quantizer.nearest_code(target[None]).item()
+    before = (quantizer.codebook[code] - target).norm()
+    for _ in range(5):
+        quantizer(target.view(1, 2, 1, 1).expand(1, 2, 4, 4).contiguous())
+    assert (quantizer.codebook[code] - target).norm() < 0.1 * before
+
+
+def test_dead_codes_are_restarted_so_the_whole_codebook_is_used():
+    """The original's fault: a codebook far from the data keeps almost all codes dead."""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(64, 4)
+    quantizer(torch.randn(1, 4, 2, 2))           # data init from only 4 vectors: 60 duplicates
+    used = torch.zeros(64, dtype=torch.bool)
+    for step in range(60):
+        _, indices, _ = quantizer(5 + torch.randn(4, 4, 8, 8))   # data moved far away
+        if step >= 50:
+            used[indices.unique()] = True
+    assert used.float().mean() > 0.9
+
+
+def test_codebook_stats_on_known_counts():
+    stats = codebook_stats(torch.tensor([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]))
+    assert stats["active_share"] == 0.5 and stats["perplexity"] == pytest.approx(2.0)
+    assert codebook_stats(torch.ones(8))["perplexity"] == pytest.approx(8.0)
+
+
+def test_code_histogram_is_read_untransposed():
+    """Position (row r, column c) of a 4 x 6 grid only ever used code 6 r + c: every draw
+    must return exactly that grid (a transposed read would not even have the right shape)."""
+    histogram = F.one_hot(torch.arange(24).view(4, 6), 24).float()
+    drawn = VQVAE.sample_code_indices(histogram, 5)
+    assert drawn.shape == (5, 4, 6)
+    assert torch.equal(drawn, torch.arange(24).view(1, 4, 6).expand(5, 4, 6))
+
+
+def test_sampling_follows_the_per_position_histogram():
+    torch.manual_seed(0)
+    histogram = torch.zeros(2, 2, 3)
+    histogram[0, 1] = torch.tensor([1.0, 3.0, 0.0])
+    histogram[0, 0, 2] = histogram[1, 0, 0] = histogram[1, 1, 1] = 1.0
+    drawn = VQVAE.sample_code_indices(histogram, 4000)
+    assert (drawn[:, 0, 1] == 1).float().mean() == pytest.approx(0.75, abs=0.03)
+    assert (drawn[:, 0, 1] == 2).sum() == 0 and (drawn[:, 0, 0] == 2).all()
+
+
+# ----------------------------------------------------------------------------- the original's full size
+def test_original_full_size_config():
+    model = VQVAE(num_codes=256, code_dim=8, base_channels=64, channel_mults=(1, 1, 2, 2, 4),
+                  num_res_blocks_encoder=2, num_res_blocks_decoder=3, num_z_positions=32)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params - 17.7e6) / 17.7e6 < 0.10
+    assert model.latent_shape(256) == (8, 16, 16)
+    discriminator = PatchDiscriminator(base_channels=64, num_layers=3, num_z_positions=32)
+    with torch.no_grad():
+        assert discriminator(torch.zeros(1, 1, 256, 256), torch.tensor([4])).shape == (1, 1, 30, 30)
+        assert model(torch.zeros(1, 1, 32, 32), torch.tensor([4]))[0].shape == (1, 1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- GAN losses
+def test_hinge_loss_values():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    # relu(1 - real) = [0, 0.5] -> 0.25; relu(1 + fake) = [0, 1] -> 0.5
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(0.25 * (0.25 + 0.5))
+    assert hinge_discriminator_loss(real, fake, fake).item() == pytest.approx(0.25 * (0.25 + 1.0))
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    weight = torch.tensor([1.0, -2.0], requires_grad=True)
+    rec_loss, gan_loss = (3 * weight).sum(), (weight ** 2).sum()     # grads (3, 3) and (2, -4)
+    expected = (18 ** 0.5) / (20 ** 0.5 + 1e-4)
+    assert adaptive_gan_weight(rec_loss, gan_loss, weight).item() == pytest.approx(expected)
+    assert adaptive_gan_weight(rec_loss, 0 * gan_loss, weight, max_weight=100.0).item() == 100.0

@@ -1,0 +1,106 @@
+"""pre_train.py end to end on tiny real data: 2 demo brains (64 slices) at 32x32, a tiny model."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import util
+from logger import read_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 2)", "--PATCH_SIZE=2",
+        "--NUM_CODES=32", "--CODE_DIM=4", "--LATENT_CHANNELS=4", "--DISC_CHANNELS=8", "--DISC_LAYERS=2",
+        "--BATCH_SIZE=8", "--GAN_START_STEP=4", "--LR=1e-3"]
+
+
+def arguments(demo_dir, out_dir, *extra):
+    return TINY + [f"--DATA_DIR={demo_dir}", f"--CKPT_DIR={out_dir}/ckpt", f"--LOG_DIR={out_dir}/log",
+                   f"--VISUALIZE_DIR={out_dir}/visualize", *extra]
+
+
+def run_pre_train(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", ["pre_train.py"] + argv)
+    runpy.run_path(os.path.join(ROOT, "pre_train.py"), run_name="__main__")
+
+
+def load_last(out_dir, run="vqvae"):
+    return util.load_checkpoint(os.path.join(out_dir, "ckpt", f"{run}_last.pt"))
+
+
+def test_vqvae_training_improves_and_writes_everything(demo_dir, tmp_path, monkeypatch):
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=4"))
+    log = read_log(str(tmp_path / "log" / "vqvae.log"))
+    rec = log["rec_loss"][1]
+    assert len(rec) == 4 * 8
+    assert rec[-5:].mean() < 0.6 * rec[:5].mean()
+    assert log["val_ssim"][1][-1] > log["val_ssim"][1][0]
+    # GAN terms exactly from GAN_START_STEP on
+    assert log["g_loss"][0].min() == 4 and log["d_loss"][0].min() == 4
+    assert len(log["g_random_loss"][1]) == len(rec) - 4 and np.all(log["adaptive_weight"][1] >= 0)
+    summary = json.loads((tmp_path / "log" / "vqvae_summary.json").read_text())
+    assert 0 < summary["test_ssim"] <= 1 and 0 < summary["test_codebook_usage"] <= 1
+    assert summary["train_images_per_second"] > 0 and summary["steps"] == 32
+    best = util.load_checkpoint(str(tmp_path / "ckpt" / "vqvae_best.pt"))
+    assert best["epoch"] == summary["best_epoch"] and best["code_histogram"].shape == (8, 8, 32)
+    assert load_last(tmp_path)["epoch"] == 4
+    pictures = os.listdir(tmp_path / "visualize")
+    assert "vqvae_reconstruction_epoch004.png" in pictures and "vqvae_samples_epoch004.png" in pictures
+
+
+def test_vae_mode_anneals_kl(demo_dir, tmp_path, monkeypatch):
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--MODE=VAE", "--EPOCHS=1", "--KL_CYCLE_STEPS=4"))
+    log = read_log(str(tmp_path / "log" / "vae.log"))
+    assert np.allclose(log["kl_weight"][1] / 1e-6, [0.5, 0.625, 0.75, 0.875] * 2)
+    assert np.all(log["kl_loss"][1] > 0)
+    assert "test_codebook_usage" not in json.loads((tmp_path / "log" / "vae_summary.json").read_text())
+
+
+def test_resumed_run_equals_uninterrupted_run(demo_dir, tmp_path, monkeypatch):
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "straight", "--EPOCHS=2"))
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "resumed", "--EPOCHS=1"))
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "resumed", "--EPOCHS=2"))
+    straight, resumed = load_last(tmp_path / "straight"), load_last(tmp_path / "resumed")
+    for name in ("model", "discriminator"):
+        for key, tensor in straight[name].items():
+            assert torch.equal(tensor, resumed[name][key]), f"{name}.{key} differs after resuming"
+    log_straight = read_log(str(tmp_path / "straight" / "log" / "vqvae.log"))
+    log_resumed = read_log(str(tmp_path / "resumed" / "log" / "vqvae.log"))
+    assert np.array_equal(log_straight["rec_loss"][1], log_resumed["rec_loss"][1])
+
+
+def test_checkpoint_from_another_config_is_refused(demo_dir, tmp_path, monkeypatch):
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=1"))
+    with pytest.raises(ValueError, match="(?s)another config.*BASE_CHANNELS: checkpoint 16, script 8"):
+        run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=2", "--BASE_CHANNELS=8"))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_dir, tmp_path, monkeypatch):
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=1"))
+    real_l1 = torch.nn.functional.l1_loss
+    calls = []
+
+    def l1_turning_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real_l1(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "l1_loss", l1_turning_nan)
+    with pytest.raises(FloatingPointError, match="step 10: rec_loss is nan"):
+        run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=2"))
+    assert load_last(tmp_path)["epoch"] == 1
+
+
+def test_torchrun_two_processes(demo_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29517", os.path.join(ROOT, "pre_train.py"),
+                             *arguments(demo_dir, tmp_path, "--EPOCHS=1")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "log" / "vqvae_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4   # 64 slices / (2 processes x 8)
