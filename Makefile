@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 .PHONY: demo test
 demo: $(VENV)/.runtime-installed
 	$(PY) dataset.py
+	$(PY) pre_train.py --MODE=VQVAE
+	$(PY) pre_train.py --MODE=VAE
+	$(PY) logger.py
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q tests

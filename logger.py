@@ -26,9 +26,9 @@ PANELS = {
 
 
 class TrainingLog:
-    """Appends `name|value` lines to log/<run>.log. Resuming from a checkpoint taken at
-    `resume_step` first drops whatever a killed run wrote after that step, so the log always
-    matches the weights it belongs to."""
+    """Appends `name|value` lines to log/<run>.log. Resuming from a checkpoint taken after
+    `resume_step` steps (0 .. resume_step - 1) first drops whatever a killed run wrote for later
+    steps, so the log always matches the weights it belongs to."""
 
     def __init__(self, path, resume_step=None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -38,7 +38,7 @@ class TrainingLog:
             kept = []
             with open(path) as f:
                 for line in f:
-                    if line.startswith("step|") and int(line.split("|")[1]) > resume_step:
+                    if line.startswith("step|") and int(line.split("|")[1]) >= resume_step:
                         break
                     kept.append(line)
             with open(path, "w") as f:
@@ -60,7 +60,7 @@ def read_log(path):
     with open(path) as f:
         for line in f:
             parts = line.rstrip("\n").split("|")
-            if len(parts) != 2:
+            if len(parts) != 2 or not line.endswith("\n"):   # a line still being written
                 continue
             try:
                 value = float(parts[1])

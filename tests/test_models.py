@@ -1,11 +1,16 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
 from model_VAE import VAE, VQVAE
 from module import VectorQuantizer, codebook_stats
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks_encoder=1, num_res_blocks_decoder=1,
              patch_size=2)
 
@@ -109,13 +114,17 @@ def test_sampling_follows_the_per_position_histogram():
 
 
 # ----------------------------------------------------------------------------- the original's full size
-def test_original_full_size_config():
-    model = VQVAE(num_codes=256, code_dim=8, base_channels=64, channel_mults=(1, 1, 2, 2, 4),
-                  num_res_blocks_encoder=2, num_res_blocks_decoder=3, num_z_positions=32)
+def test_gpu_preset_is_the_original_full_size():
+    """config/pre_train_oasis_gpu.py applied to pre_train.py's constants builds the original's
+    ~17.7M-parameter VQVAE (factor 16: 16x16 latents at 256x256) and its 30x30 PatchGAN."""
+    import pre_train
+    namespace = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
+    config = util.apply_overrides(namespace, [os.path.join(ROOT, "config", "pre_train_oasis_gpu.py")])
+    model = pre_train.build_model(config)
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - 17.7e6) / 17.7e6 < 0.10
-    assert model.latent_shape(256) == (8, 16, 16)
-    discriminator = PatchDiscriminator(base_channels=64, num_layers=3, num_z_positions=32)
+    assert model.latent_shape(config["IMG_SIZE"]) == (8, 16, 16) and model.num_codes == 256
+    discriminator = PatchDiscriminator(base_channels=config["DISC_CHANNELS"], num_layers=config["DISC_LAYERS"])
     with torch.no_grad():
         assert discriminator(torch.zeros(1, 1, 256, 256), torch.tensor([4])).shape == (1, 1, 30, 30)
         assert model(torch.zeros(1, 1, 32, 32), torch.tensor([4]))[0].shape == (1, 1, 32, 32)

@@ -4,6 +4,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -104,3 +105,24 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "log" / "vqvae_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 4   # 64 slices / (2 processes x 8)
+
+
+def test_killed_run_resumes_from_the_last_complete_checkpoint(demo_dir, tmp_path, monkeypatch):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "pre_train.py"),
+                                *arguments(demo_dir, tmp_path, "--EPOCHS=50")],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "ckpt" / "vqvae_last.pt"
+    try:
+        deadline = time.time() + 120
+        while not last.exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)                  # now somewhere inside a later epoch, or a save
+    finally:
+        process.kill()
+        process.wait()
+    epoch_at_kill = load_last(tmp_path)["epoch"]
+    assert 1 <= epoch_at_kill < 50
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, f"--EPOCHS={epoch_at_kill + 1}"))
+    assert load_last(tmp_path)["epoch"] == epoch_at_kill + 1
+    steps = read_log(str(tmp_path / "log" / "vqvae.log"))["rec_loss"][0]
+    assert np.array_equal(steps, np.arange(8 * (epoch_at_kill + 1)))   # no steps lost or doubled
