@@ -145,8 +145,10 @@ class VectorQuantizer(nn.Module):
         return rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w")
 
     def _random_rows(self, vectors, count):
-        """`count` random rows of vectors (with replacement when there are too few), same on all ranks."""
-        rows = vectors[torch.randint(len(vectors), (count,), device=vectors.device)]
+        """`count` distinct random rows of vectors (repeats only when there are too few), taken
+        from rank 0 so that every process gets the same."""
+        weights = torch.ones(len(vectors), device=vectors.device)
+        rows = vectors[torch.multinomial(weights, count, replacement=count > len(vectors))]
         return _broadcast(rows.contiguous())
 
     @torch.no_grad()
@@ -158,9 +160,10 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, vectors, indices):
-        one_hot = F.one_hot(indices, self.num_codes).type(vectors.dtype)
-        self.ema_cluster_size.lerp_(_all_reduce_sum(one_hot.sum(0)), 1 - self.ema_decay)
-        self.ema_code_sum.lerp_(_all_reduce_sum(one_hot.T @ vectors), 1 - self.ema_decay)
+        cluster_size = torch.bincount(indices, minlength=self.num_codes).type(vectors.dtype)
+        code_sum = torch.zeros_like(self.ema_code_sum).index_add_(0, indices, vectors)
+        self.ema_cluster_size.lerp_(_all_reduce_sum(cluster_size), 1 - self.ema_decay)
+        self.ema_code_sum.lerp_(_all_reduce_sum(code_sum), 1 - self.ema_decay)
         # Laplace smoothing keeps rarely used codes from dividing by ~0
         total = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.eps) / (total + self.num_codes * self.eps) * total

@@ -51,11 +51,11 @@ class MonaiPair:
 
 
 class OurPair:
-    """Our CPU preset (pre_train.py defaults): z-conditioned VQVAE and PatchGAN."""
+    """Our CPU preset (pre_train.py defaults, but 256 codes like MONAI's): z-conditioned VQVAE and PatchGAN."""
 
     def __init__(self):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
-        self.model = pre_train.build_model(config)
+        self.model = pre_train.build_model(dict(config, NUM_CODES=256))   # MONAI's codebook size
         self.discriminator = PatchDiscriminator(base_channels=pre_train.DISC_CHANNELS,
                                                 num_layers=pre_train.DISC_LAYERS)
 

@@ -2,13 +2,15 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
 from model_VAE import VAE, VQVAE
-from module import VectorQuantizer, codebook_stats
+from module import ResBlock, VectorQuantizer, codebook_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks_encoder=1, num_res_blocks_decoder=1,
@@ -30,6 +32,16 @@ def test_autoencoder_shapes(conditioned):
     reconstruction, kl, none = vae(images, z)
     assert reconstruction.shape == images.shape and kl.item() > 0 and none is None
     assert vae.sample(2, z[:2], 64).shape == (2, 1, 64, 64)
+
+
+def test_res_block_counts_per_level():
+    kwargs = dict(SMALL, num_res_blocks_encoder=(0, 2), num_res_blocks_decoder=(1, 3))
+    model = VQVAE(num_codes=32, code_dim=4, **kwargs)
+    count = lambda part: sum(isinstance(m, ResBlock) for m in part.modules())
+    assert (count(model.encoder), count(model.decoder)) == (0 + 2 + 2, 2 + 3 + 1)   # + 2 middle blocks each
+    assert model(torch.zeros(1, 1, 32, 32), torch.tensor([0]))[0].shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError):
+        VQVAE(**dict(SMALL, num_res_blocks_encoder=(1, 1, 1)))
 
 
 def test_z_condition_changes_the_decoder_output():
@@ -61,6 +73,57 @@ def test_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through(
     assert torch.allclose(quantised.detach(), quantizer.embed_indices(indices))
     (quantised * torch.arange(5.0)).sum().backward()
     assert torch.allclose(latents.grad, torch.arange(5.0).expand_as(latents))   # identity gradient
+
+
+def test_reconstruction_gradient_reaches_the_encoder_through_the_quantizer():
+    torch.manual_seed(0)
+    model = VQVAE(num_codes=32, code_dim=4, num_z_positions=32, **SMALL)
+    images, z = torch.rand(2, 1, 32, 32) * 2 - 1, torch.tensor([1, 2])
+    reconstruction, _, _ = model(images, z)
+    F.l1_loss(reconstruction, images).backward()     # no commitment term: only the straight-through path
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert not list(model.quantizer.parameters())     # the codebook follows EMAs, not gradients
+
+
+def test_quantizer_leaves_the_codebook_alone_in_eval_mode():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(8, 2)
+    quantizer(torch.randn(1, 2, 4, 4))
+    before = {name: buffer.clone() for name, buffer in quantizer.named_buffers()}
+    quantizer.eval()(5 + torch.randn(1, 2, 4, 4))
+    assert all(torch.equal(before[name], buffer) for name, buffer in quantizer.named_buffers())
+
+
+def test_quantizer_runs_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(64, 8).eval()
+    latents = torch.randn(2, 8, 8, 8)
+    _, expected, _ = quantizer(latents)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantised, indices, loss = quantizer(latents.bfloat16())
+    assert quantised.dtype == loss.dtype == torch.float32
+    assert torch.equal(indices, quantizer.nearest_code(latents.bfloat16().permute(0, 2, 3, 1).reshape(-1, 8)).view(2, 8, 8))
+    assert (indices == expected).float().mean() > 0.9       # only bf16 rounding of the input differs
+
+
+def _quantizer_on_two_ranks(rank, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)                              # different random restarts unless synchronised
+    quantizer = VectorQuantizer(16, 2, ema_decay=0.5)
+    centre = -5.0 if rank == 0 else 5.0                  # each rank sees only one of two clusters
+    for _ in range(10):
+        quantizer(centre + torch.randn(2, 2, 4, 4))
+    for buffer in (quantizer.codebook, quantizer.ema_cluster_size, quantizer.ema_code_sum):
+        gathered = [torch.empty_like(buffer) for _ in range(2)]
+        dist.all_gather(gathered, buffer)
+        assert torch.equal(gathered[0], gathered[1])
+    means = quantizer.codebook.mean(1)
+    assert (means < -3).any() and (means > 3).any()     # the codebook learned from both ranks' data
+    dist.destroy_process_group()
+
+
+def test_quantizer_keeps_one_codebook_across_ddp_processes(tmp_path):
+    mp.spawn(_quantizer_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 
 
 def test_ema_moves_codes_toward_their_data():

@@ -126,3 +126,11 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(demo_dir, tmp_path
     assert load_last(tmp_path)["epoch"] == epoch_at_kill + 1
     steps = read_log(str(tmp_path / "log" / "vqvae.log"))["rec_loss"][0]
     assert np.array_equal(steps, np.arange(8 * (epoch_at_kill + 1)))   # no steps lost or doubled
+
+
+def test_code_counts_per_position_against_one_hot():
+    import pre_train
+    indices = torch.randint(0, 7, (5, 3, 4), generator=torch.Generator().manual_seed(0))
+    counts = pre_train.code_counts_per_position(indices, 7)
+    assert counts.shape == (3, 4, 7)
+    assert torch.equal(counts, torch.nn.functional.one_hot(indices, 7).sum(0))
