@@ -15,7 +15,6 @@ scored once on the test split and log/<run>_summary.json is written.
 import json
 import math
 import os
-import random
 import time
 
 import torch
@@ -106,12 +105,12 @@ def learning_rate(step, total_steps):
     return LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def random_latents(model, code_histogram, n, generator=None):
+def random_latents(model, code_histogram, n, device):
     """Latents to decode for the auxiliary GAN term: N(0, I) for the VAE; for the VQVAE, codes
     drawn per position from the last epoch's code histogram."""
     if isinstance(model, VQVAE):
         return model.quantizer.embed_indices(model.sample_code_indices(code_histogram, n))
-    return torch.randn((n,) + model.latent_shape(IMG_SIZE), device=code_histogram.device)
+    return torch.randn((n,) + model.latent_shape(IMG_SIZE), device=device)
 
 
 @torch.no_grad()
@@ -172,7 +171,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS)
     disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS)
     latent_grid = model.latent_shape(IMG_SIZE)[1:]
-    code_histogram = torch.ones(*latent_grid, NUM_CODES, device=device)   # uniform until one epoch is seen
+    # VQVAE: per-position code counts of the last epoch, uniform until one epoch is seen
+    code_histogram = torch.ones(*latent_grid, NUM_CODES, device=device) if MODE == "VQVAE" else None
 
     last_path = os.path.join(CKPT_DIR, f"{run_name}_last.pt")
     best_path = os.path.join(CKPT_DIR, f"{run_name}_best.pt")
@@ -183,7 +183,8 @@ if __name__ == "__main__":
         discriminator.load_state_dict(checkpoint["discriminator"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         disc_optimizer.load_state_dict(checkpoint["disc_optimizer"])
-        code_histogram = checkpoint["code_histogram"].to(device)
+        code_histogram = checkpoint["code_histogram"]
+        code_histogram = None if code_histogram is None else code_histogram.to(device)
         start_epoch, step, best_val_ssim = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_ssim"]
         train_seconds, train_images = checkpoint["train_seconds"], checkpoint["train_images"]
         torch.set_rng_state(checkpoint["rng_state"])
@@ -205,7 +206,7 @@ if __name__ == "__main__":
     epoch_stats = {}   # last epoch's validation SSIM and codebook usage, shown on the progress bar
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
-        epoch_counts = torch.zeros(*latent_grid, NUM_CODES, device=device)
+        epoch_counts = torch.zeros(*latent_grid, NUM_CODES, device=device) if MODE == "VQVAE" else None
         epoch_start = time.time()
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
         for images, _, _, zs in progress:
@@ -225,7 +226,7 @@ if __name__ == "__main__":
                 if gan_on:
                     # one discriminator call on reconstructions and random-latent decodings;
                     # the unwrapped discriminator, so its gradients here are never all-reduced
-                    generated = core_model.decode(random_latents(core_model, code_histogram, len(images)), zs)
+                    generated = core_model.decode(random_latents(core_model, code_histogram, len(images), device), zs)
                     logits = core_discriminator(torch.cat([reconstruction, generated]), torch.cat([zs, zs]))
                     g_loss, g_random_loss = (-logits.float()).chunk(2)
                     g_loss, g_random_loss = g_loss.mean(), g_random_loss.mean()
@@ -262,9 +263,9 @@ if __name__ == "__main__":
             train_images += len(images) * world_size
         train_seconds += time.time() - epoch_start
 
-        if world_size > 1:
-            torch.distributed.all_reduce(epoch_counts)
         if MODE == "VQVAE":
+            if world_size > 1:
+                torch.distributed.all_reduce(epoch_counts)
             code_histogram = epoch_counts
         if is_main:
             val_ssim, _ = evaluate(core_model, validate_loader, device, autocast)

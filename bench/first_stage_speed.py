@@ -24,19 +24,20 @@ from model_discriminator import PatchDiscriminator, hinge_discriminator_loss  # 
 
 BUDGET_SECONDS = 150.0       # training time per model
 BATCH_SIZE = 16
-LR = 2e-4
+LR = pre_train.LR             # our preset's learning rate, for both
 GAN_WEIGHT = 0.01            # fixed generator weight (MONAI's tutorials use 0.01)
 THREADS = 2
 SEED = 0
 
 
 class MonaiPair:
-    """MONAI's VQVAE (EMA codebook) and PatchDiscriminator sized like our CPU preset."""
+    """MONAI's VQVAE (EMA codebook) and PatchDiscriminator with our preset's levels and
+    discriminator; `channels` (56, 112) matches our parameter count, (32, 64) is MONAI lean."""
 
-    def __init__(self):
+    def __init__(self, channels):
         from monai.networks.nets import VQVAE, PatchDiscriminator as MonaiDiscriminator
-        self.model = VQVAE(spatial_dims=2, in_channels=1, out_channels=1, channels=(32, 64),
-                           num_res_channels=(32, 64), num_res_layers=1,
+        self.model = VQVAE(spatial_dims=2, in_channels=1, out_channels=1, channels=channels,
+                           num_res_channels=channels, num_res_layers=1,
                            downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
                            upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
                            num_embeddings=256, embedding_dim=8, output_act="TANH")
@@ -125,7 +126,9 @@ if __name__ == "__main__":
     train_loader = dataset.get_dataloader("train", BATCH_SIZE, None, pre_train.IMG_SIZE, seed=SEED)
     validate_loader = dataset.get_dataloader("validate", 64, None, pre_train.IMG_SIZE)
     results = {}
-    for name, make_pair in (("ours", OurPair), ("MONAI", MonaiPair)):
+    contestants = (("ours", OurPair), ("MONAI", lambda: MonaiPair((56, 112))),
+                   ("MONAI lean", lambda: MonaiPair((32, 64))))
+    for name, make_pair in contestants:
         util.seed_everything(SEED)
         pair = make_pair()
         params = sum(p.numel() for p in pair.model.parameters())
@@ -136,9 +139,9 @@ if __name__ == "__main__":
 
     print(f"\nsame loop, data, batch {BATCH_SIZE}, {pre_train.IMG_SIZE}x{pre_train.IMG_SIZE}, 16x16 latents, "
           f"256 x 8 codebook, {BUDGET_SECONDS:.0f} s of training each, {THREADS} threads")
-    print(f"{'model':8s} {'params':>8s} {'train img/s':>12s} {'val SSIM':>9s}")
+    print(f"{'model':11s} {'params':>8s} {'train img/s':>12s} {'val SSIM':>9s}")
     for name, (params, images_per_second, ssim, _, _) in results.items():
-        print(f"{name:8s} {params / 1e6:7.2f}M {images_per_second:12.1f} {ssim:9.4f}")
+        print(f"{name:11s} {params / 1e6:7.2f}M {images_per_second:12.1f} {ssim:9.4f}")
 
     peak = peak_matmul_flops()
     _, images_per_second, _, pair, optimizers = results["ours"]
