@@ -63,7 +63,15 @@ def test_vae_mode_anneals_kl(demo_dir, tmp_path, monkeypatch):
 
 def test_resumed_run_equals_uninterrupted_run(demo_dir, tmp_path, monkeypatch):
     run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "straight", "--EPOCHS=2"))
-    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "resumed", "--EPOCHS=1"))
+    with monkeypatch.context() as interrupt:   # Ctrl-C as the second epoch starts
+        def stop_at_second_epoch(sampler, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            sampler.epoch = epoch
+        interrupt.setattr(torch.utils.data.DistributedSampler, "set_epoch", stop_at_second_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "resumed", "--EPOCHS=2"))
+    assert load_last(tmp_path / "resumed")["epoch"] == 1
     run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "resumed", "--EPOCHS=2"))
     straight, resumed = load_last(tmp_path / "straight"), load_last(tmp_path / "resumed")
     for name in ("model", "discriminator"):
