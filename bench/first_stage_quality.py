@@ -30,8 +30,8 @@ if __name__ == "__main__":
     print(f"\n{'model':6s} {'test SSIM':>9s} {'best epoch':>10s} {'codes active (test)':>20s} "
           f"{'perplexity':>10s} {'train img/s':>11s} {'train s':>8s} {'wall s':>7s}")
     for mode, summary, wall in rows:
-        usage = summary.get("test_codebook_usage")
+        usage, perplexity = summary.get("test_codebook_usage"), summary.get("test_perplexity")
         print(f"{mode:6s} {summary['test_ssim']:9.4f} {summary['best_epoch']:10d} "
               f"{'-' if usage is None else f'{usage:.1%}':>20s} "
-              f"{summary.get('test_perplexity', float('nan')):10.1f} "
+              f"{'-' if perplexity is None else f'{perplexity:.1f}':>10s} "
               f"{summary['train_images_per_second']:11.1f} {summary['train_seconds']:8.0f} {wall:7.0f}")
