@@ -122,8 +122,7 @@ def evaluate(model, loader, device, autocast):
         images, zs = images.to(device), zs.to(device)
         with autocast():
             reconstruction, indices = model.reconstruct(images, zs)
-        scores.append(util.ssim((images + 1) / 2, (reconstruction.float().clamp(-1, 1) + 1) / 2,
-                                size_average=False))
+        scores.append(util.reconstruction_ssim(images, reconstruction))
         if indices is not None:
             counts = torch.bincount(indices.flatten(), minlength=model.num_codes)
             code_counts = counts if code_counts is None else code_counts + counts

@@ -52,6 +52,12 @@ def ssim(img1, img2, size_average=True):
     return per_image.mean() if size_average else per_image
 
 
+def reconstruction_ssim(images, reconstructions):
+    """Per-image SSIM (B,) of reconstructions against images, both in the models' [-1, 1]
+    range (reconstructions are clamped to it, then both are mapped to [0, 1])."""
+    return ssim((images.float() + 1) / 2, (reconstructions.float().clamp(-1, 1) + 1) / 2, size_average=False)
+
+
 # ----------------------------------------------------------------------------- embeddings
 def sinusoidal_embedding(positions, dim, max_period=10000.0):
     """Transformer / diffusion-timestep embedding: (N,) positions -> (N, dim) as [cos | sin]."""

@@ -84,8 +84,7 @@ def training_step(pair, optimizers, images, zs):
 @torch.no_grad()
 def validation_ssim(pair, loader):
     pair.model.eval()
-    scores = [util.ssim((images + 1) / 2, (pair.reconstruct(images, zs)[0].clamp(-1, 1) + 1) / 2, False)
-              for images, _, _, zs in loader]
+    scores = [util.reconstruction_ssim(images, pair.reconstruct(images, zs)[0]) for images, _, _, zs in loader]
     pair.model.train()
     return torch.cat(scores).mean().item()
 

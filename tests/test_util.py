@@ -175,3 +175,12 @@ def test_config_file_then_command_line(tmp_path):
     preset.write_text("LR = '1e-3'\n")
     with pytest.raises(SystemExit, match="gpu.py: LR must be a float"):
         util.apply_overrides(script_constants(), [str(preset)])
+
+
+def test_reconstruction_ssim_maps_minus_one_one_and_clamps(slice_pairs):
+    images, degraded = slice_pairs
+    signed, signed_degraded = images * 2 - 1, degraded * 2 - 1
+    expected = util.ssim(images, degraded, size_average=False)
+    assert torch.allclose(util.reconstruction_ssim(signed, signed_degraded), expected, atol=1e-6)
+    overshoot = signed_degraded + 0.5 * (signed_degraded > 0.99)    # decoder output past tanh's range
+    assert torch.allclose(util.reconstruction_ssim(signed, overshoot), expected, atol=1e-6)
