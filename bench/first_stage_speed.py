@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import pre_train  # noqa: E402
 import util  # noqa: E402
-from model_discriminator import PatchDiscriminator, hinge_discriminator_loss  # noqa: E402
+from model_discriminator import hinge_discriminator_loss  # noqa: E402
 
 BUDGET_SECONDS = 150.0       # training time per model
 BATCH_SIZE = 16
@@ -57,8 +57,7 @@ class OurPair:
     def __init__(self):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
         self.model = pre_train.build_model(dict(config, NUM_CODES=256))   # MONAI's codebook size
-        self.discriminator = PatchDiscriminator(base_channels=pre_train.DISC_CHANNELS,
-                                                num_layers=pre_train.DISC_LAYERS)
+        self.discriminator = pre_train.build_discriminator(config)
 
     def reconstruct(self, images, zs):
         reconstruction, vq_loss, _ = self.model(images, zs)

@@ -15,6 +15,7 @@ NUM_CODES = 256
 CODE_DIM = 8
 DISC_CHANNELS = 64
 DISC_LAYERS = 3
+DISC_ATTENTION = True
 BATCH_SIZE = 3
 EPOCHS = 8                   # 9,664 slices / batch 3 = 3,221 steps an epoch
 LR = 2e-4
