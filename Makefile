@@ -9,6 +9,10 @@ demo: $(VENV)/.runtime-installed
 	$(PY) dataset.py
 	$(PY) pre_train.py --MODE=VQVAE
 	$(PY) pre_train.py --MODE=VAE
+	$(PY) latent_dataset.py --FIRST_STAGE=vqvae
+	$(PY) train_viT.py
+	$(PY) stable_diffusion.py
+	$(PY) predict.py
 	$(PY) logger.py
 
 test: $(VENV)/.dev-installed

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 import util
 
@@ -160,20 +160,13 @@ def collate_slices(batch):
 
 def get_dataloader(mode, batch_size, data_dir=None, img_size=IMG_SIZE, shuffle=None,
                    seed=0, num_workers=0, drop_last=None):
-    """A DataLoader over OasisSlices(mode). Shuffles and drops the last partial batch only for
-    the training modes unless told otherwise. Shuffling goes through a DistributedSampler
-    seeded with `seed`: call loader.sampler.set_epoch(epoch) each epoch for a new order that
-    a resumed run repeats exactly; under torchrun each process gets its own share."""
+    """A DataLoader over OasisSlices(mode) (see util.make_loader). Shuffles and drops the last
+    partial batch only for the training modes unless told otherwise."""
     training = mode in TRAINING_MODES
-    shuffle = training if shuffle is None else shuffle
-    data = OasisSlices(mode, data_dir, img_size)
-    sampler = None
-    if shuffle:
-        world_size, rank = util.world_size_and_rank()
-        sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return DataLoader(data, batch_size=batch_size, sampler=sampler,
-                      drop_last=training if drop_last is None else drop_last,
-                      num_workers=num_workers, collate_fn=collate_slices)
+    return util.make_loader(OasisSlices(mode, data_dir, img_size), batch_size,
+                            shuffle=training if shuffle is None else shuffle, seed=seed,
+                            drop_last=training if drop_last is None else drop_last,
+                            num_workers=num_workers, collate_fn=collate_slices)
 
 
 # ----------------------------------------------------------------------------- demo brains / NIfTI

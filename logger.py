@@ -14,7 +14,8 @@ import numpy as np
 LOG_DIR = "log"
 SMOOTHING = 5              # moving-average window of the plotted curves
 
-# the original's four panels, plus codebook usage and validation SSIM
+# the original's four panels, codebook usage and validation SSIM (first stage); the second
+# stage's training and validation losses
 PANELS = {
     "reconstruction": ("rec_loss",),
     "regulariser": ("vq_loss", "kl_loss"),
@@ -22,6 +23,8 @@ PANELS = {
     "balancing weights": ("adaptive_weight", "kl_weight"),
     "codebook usage": ("codebook_usage", "perplexity_share"),
     "validation SSIM": ("val_ssim",),
+    "training loss": ("train_loss",),
+    "validation loss": ("val_loss",),
 }
 
 
@@ -117,7 +120,8 @@ if __name__ == "__main__":
     import util
     arguments = sys.argv[1:]
     util.apply_overrides(globals(), [a for a in arguments if a.startswith("--") or a.endswith(".py")])
-    runs = [a for a in arguments if not (a.startswith("--") or a.endswith(".py"))] or sorted(f[:-4] for f in os.listdir(LOG_DIR) if f.endswith(".log"))
+    runs = [a for a in arguments if not (a.startswith("--") or a.endswith(".py"))] \
+        or sorted(f[:-4] for f in os.listdir(LOG_DIR) if f.endswith(".log"))
     if not runs:
         raise SystemExit(f"no logs in {LOG_DIR}/; train something first (python pre_train.py)")
     for run in runs:

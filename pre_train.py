@@ -13,7 +13,6 @@ _best.pt, by validation SSIM); re-running resumes from _last.pt. At the end the 
 scored once on the test split and log/<run>_summary.json is written.
 """
 import json
-import math
 import os
 import time
 
@@ -108,12 +107,6 @@ def code_counts_per_position(indices, num_codes):
     return torch.bincount(flat, minlength=height * width * num_codes).view(height, width, num_codes)
 
 
-def learning_rate(step, total_steps):
-    """Cosine decay from LR to LR * MIN_LR_RATIO over the run (nanoGPT style, no warm-up)."""
-    progress = min(step / max(total_steps - 1, 1), 1.0)
-    return LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def random_latents(model, code_histogram, n, device):
     """Latents to decode for the auxiliary GAN term: N(0, I) for the VAE; for the VQVAE, codes
     drawn per position from the last epoch's code histogram."""
@@ -150,7 +143,7 @@ def save_grids(model, loader, code_histogram, device, epoch):
     util.save_image_grid(torch.cat([images, reconstruction.float()]),
                          os.path.join(VISUALIZE_DIR, f"{run_name}_reconstruction_epoch{epoch:03d}.png"))
     all_z = torch.arange(NUM_Z, device=device)
-    samples = model.sample(NUM_Z, all_z, code_histogram) if isinstance(model, VQVAE) else model.sample(NUM_Z, all_z, IMG_SIZE)
+    samples = model.sample(NUM_Z, all_z, code_histogram if isinstance(model, VQVAE) else IMG_SIZE)
     util.save_image_grid(samples.float(), os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch:03d}.png"))
     model.train()
 
@@ -220,7 +213,7 @@ if __name__ == "__main__":
             images, zs = images.to(device), zs.to(device)
             gan_on = step >= GAN_START_STEP
             for group in optimizer.param_groups + disc_optimizer.param_groups:
-                group["lr"] = learning_rate(step, EPOCHS * len(train_loader))
+                group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
             with autocast():
                 reconstruction, regulariser, indices = model(images, zs)
                 rec_loss = F.l1_loss(reconstruction.float(), images)
@@ -255,11 +248,7 @@ if __name__ == "__main__":
                 losses["d_loss"] = d_loss
 
             values = {name: value.item() if torch.is_tensor(value) else value for name, value in losses.items()}
-            for name, value in values.items():
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"step {step}: {name} is {value}; stopped before saving, so {last_path} still "
-                        f"holds the last good epoch. Try a lower LR or USE_BF16=False.")
+            util.check_finite(values, step, last_path, "Try a lower LR or USE_BF16=False.")
             if indices is not None:
                 epoch_counts += code_counts_per_position(indices, NUM_CODES)
             if is_main:

@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 # ----------------------------------------------------------------------------- SSIM
@@ -96,6 +97,17 @@ def world_size_and_rank():
     return 1, 0
 
 
+def make_loader(data, batch_size, shuffle, seed=0, drop_last=False, **loader_kwargs):
+    """A DataLoader over `data`. Shuffling goes through a DistributedSampler seeded with `seed`:
+    call loader.sampler.set_epoch(epoch) each epoch for a new order that a resumed run repeats
+    exactly; under torchrun each process gets its own share."""
+    sampler = None
+    if shuffle:
+        world_size, rank = world_size_and_rank()
+        sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **loader_kwargs)
+
+
 def setup_distributed():
     """Join the process group when launched by torchrun (nccl on GPU, gloo on CPU) and return
     this process's device; a plain `python script.py` run just gets get_device()."""
@@ -108,6 +120,21 @@ def setup_distributed():
         return torch.device("cuda", local_rank)
     torch.distributed.init_process_group("gloo")
     return torch.device("cpu")
+
+
+def cosine_learning_rate(step, total_steps, peak, min_ratio):
+    """Cosine decay from `peak` to `peak * min_ratio` over the run (nanoGPT style, no warm-up)."""
+    progress = min(step / max(total_steps - 1, 1), 1.0)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_finite(values, step, last_path, advice):
+    """Stop on a NaN or infinite logged value, naming the step and the term; called before the
+    epoch's checkpoint is written, so `last_path` keeps the last good epoch."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"step {step}: {name} is {value}; stopped before saving, so "
+                                     f"{last_path} still holds the last good epoch. {advice}")
 
 
 # ----------------------------------------------------------------------------- checkpoints

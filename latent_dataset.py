@@ -1,0 +1,88 @@
+"""Second stage, step 1: encode every slice with a trained first-stage model and keep the
+latents, with their slice index z, for the transformer prior and the latent diffusion.
+
+    python latent_dataset.py                     # model_ckpt/vqvae_best.pt -> collected_latents/vqvae_<split>.pt
+    python latent_dataset.py --FIRST_STAGE=vae   # the VAE-GAN's posterior means and log-variances
+
+Each split is one file: {"latents": (N, C, h, w) float32 (VQVAE: pre-quantisation latents;
+VAE: mean and log-variance stacked on channels), "indices": (N, h, w) VQ codes or None,
+"z": (N,), "brain": (N,), "config": the first stage's config, "checkpoint": its path}. The
+train split alone sets the second stage's normalisation; validate picks its best epoch; test is
+touched once at the end (the original trained its second stage on the test split).
+"""
+import os
+
+import torch
+from tqdm import tqdm
+
+import dataset
+import util
+from model_VAE import VQVAE
+from pre_train import build_model
+
+# ----------------------------------------------------------------------------- config
+FIRST_STAGE = "vqvae"        # run name of the first stage: reads model_ckpt/<FIRST_STAGE>_best.pt
+DATA_DIR = None              # None: the data the first stage was trained on (its DATA_DIR)
+SPLITS = ("train", "validate", "test")
+BATCH_SIZE = 64
+CKPT_DIR = "model_ckpt"
+LATENT_DIR = "collected_latents"
+
+
+def load_first_stage(path, device):
+    """A first-stage checkpoint (model_ckpt/<run>_best.pt), rebuilt and in eval mode: (model, config).
+    The second-stage scripts pass the path stored with the latents, so they decode with the very
+    model that encoded them."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"first-stage checkpoint {path} does not exist; train it first "
+                                f"(python pre_train.py) or set FIRST_STAGE / CKPT_DIR")
+    checkpoint = util.load_checkpoint(path)
+    model = build_model(checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval().requires_grad_(False), checkpoint["config"]
+
+
+def latent_path(latent_dir, run, split):
+    return os.path.join(latent_dir, f"{run}_{split}.pt")
+
+
+def load_latents(latent_dir, run, split):
+    """A file written by this script, with a clear error when it is missing."""
+    path = latent_path(latent_dir, run, split)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"collected latents {path} do not exist; run "
+                                f"python latent_dataset.py --FIRST_STAGE={run} first")
+    return util.load_checkpoint(path)
+
+
+@torch.no_grad()
+def collect(model, loader, device):
+    """Latents, code indices (VQVAE), z and brain of every slice `loader` yields, in order."""
+    latents, indices, zs, brains = [], [], [], []
+    for images, _, brain, z in tqdm(loader, desc="encoding", leave=False):
+        images, z = images.to(device), z.to(device)
+        if isinstance(model, VQVAE):
+            encoded = model.encode(images, z)
+            indices.append(model.quantize(encoded)[1].cpu())
+        else:
+            encoded = torch.cat(model.encode(images, z), dim=1)
+        latents.append(encoded.float().cpu())
+        zs.append(z.cpu())
+        brains.append(brain)
+    return {"latents": torch.cat(latents), "indices": torch.cat(indices) if indices else None,
+            "z": torch.cat(zs), "brain": torch.cat(brains)}
+
+
+if __name__ == "__main__":
+    util.apply_overrides(globals())
+    device = util.get_device()
+    checkpoint_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_best.pt")
+    model, first_stage_config = load_first_stage(checkpoint_path, device)
+    data_dir = DATA_DIR if DATA_DIR is not None else first_stage_config["DATA_DIR"]
+    for split in SPLITS:
+        loader = dataset.get_dataloader(split, BATCH_SIZE, data_dir, first_stage_config["IMG_SIZE"], shuffle=False)
+        collected = collect(model, loader, device)
+        collected.update(config=first_stage_config, checkpoint=checkpoint_path)
+        util.save_checkpoint(collected, latent_path(LATENT_DIR, FIRST_STAGE, split))
+        print(f"{split}: {len(collected['z'])} slices -> {latent_path(LATENT_DIR, FIRST_STAGE, split)}, "
+              f"latents {tuple(collected['latents'].shape[1:])}")

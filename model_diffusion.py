@@ -1,0 +1,163 @@
+"""Latent diffusion: a small z-conditioned U-Net and the DDPM / DDIM machinery around it."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from module import AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, group_norm
+
+
+class LatentUNet(nn.Module):
+    """U-Net on first-stage latents. The timestep and the slice index z are embedded (sinusoid +
+    MLP) and summed into one condition vector that every res block receives. Per level: res
+    blocks (+ attention at the lowest level); skip connections are concatenated on the way up."""
+
+    def __init__(self, in_channels, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention=True,
+                 num_timesteps=1000, num_z_positions=32):
+        super().__init__()
+        cond_dim = 4 * base_channels
+        self.time_embedding = ConditionEmbedding(num_timesteps, cond_dim)
+        self.z_embedding = ConditionEmbedding(num_z_positions, cond_dim) if num_z_positions else None
+        widths = [base_channels * mult for mult in channel_mults]
+        lowest = len(widths) - 1
+        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.down, skip_channels, channels = nn.ModuleList(), [widths[0]], widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(channels, width, cond_dim))
+                channels = width
+                if attention and level == lowest:
+                    self.down.append(AttentionBlock(channels))
+                skip_channels.append(channels)
+            if level < lowest:
+                self.down.append(Downsample(channels))
+                skip_channels.append(channels)
+        self.middle = nn.ModuleList([ResBlock(channels, channels, cond_dim)]
+                                    + ([AttentionBlock(channels)] if attention else [])
+                                    + [ResBlock(channels, channels, cond_dim)])
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(channels + skip_channels.pop(), widths[level], cond_dim))
+                channels = widths[level]
+                if attention and level == lowest:
+                    self.up.append(AttentionBlock(channels))
+            if level > 0:
+                self.up.append(Upsample(channels))
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)   # starts by predicting zero noise
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t, z):
+        """Noisy latents (B, C, h, w), timesteps (B,), slice indices (B,) -> the prediction (noise or v)."""
+        cond = self.time_embedding(t)
+        if self.z_embedding is not None:
+            cond = cond + self.z_embedding(z)
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, cond) if isinstance(layer, ResBlock) else layer(h)
+            if not isinstance(layer, AttentionBlock):
+                skips.append(h)
+        for layer in self.middle:
+            h = layer(h, cond) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, skips.pop()], dim=1), cond)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class GaussianDiffusion(nn.Module):
+    """DDPM (Ho et al. 2020) with a linear beta schedule; ancestral DDPM sampling over all
+    steps, or DDIM (Song et al. 2021, eta = 0) over a few. The network predicts the noise
+    ("eps", as the original) or v = sqrt(abar) eps - sqrt(1 - abar) x_0 ("v", Salimans & Ho
+    2022): near t = T an eps-model's x_0 is its output's tiny remainder divided by sqrt(abar_T)
+    = 0.006, so small errors there blow up; v keeps x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
+    well conditioned at every t."""
+
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction="v"):
+        super().__init__()
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.num_timesteps, self.prediction = num_timesteps, prediction
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        for name, value in {"betas": betas, "alphas_cumprod": alphas_cumprod,
+                            "alphas_cumprod_previous": previous,
+                            "posterior_variance": betas * (1 - previous) / (1 - alphas_cumprod)}.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @staticmethod
+    def _at(values, t):
+        return values[t][:, None, None, None]
+
+    def add_noise(self, x0, t, noise):
+        """q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+        abar = self._at(self.alphas_cumprod, t)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def loss(self, model, x0, z, loss_type="mse", generator=None):
+        """Loss on the model's prediction (noise or v) at uniformly drawn timesteps."""
+        t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        predicted = model(self.add_noise(x0, t, noise), t, z).float()
+        if self.prediction == "eps":
+            target = noise
+        else:
+            abar = self._at(self.alphas_cumprod, t)
+            target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        return F.mse_loss(predicted, target) if loss_type == "mse" else F.l1_loss(predicted, target)
+
+    def _initial_noise(self, shape, same_noise, device):
+        noise = torch.randn((1,) + tuple(shape[1:]) if same_noise else shape, device=device)
+        return noise.expand(shape).clone()
+
+    def _predict_x0(self, model, x, t, z, x0_bound):
+        """The model's estimate of x_0 from x_t, clipped to +-x0_bound (DDPM's `clip_denoised`,
+        for data whose range is not [-1, 1])."""
+        abar = self._at(self.alphas_cumprod, t)
+        out = model(x, t, z).float()
+        if self.prediction == "eps":
+            x0 = (x - (1 - abar).sqrt() * out) / abar.sqrt()
+        else:
+            x0 = abar.sqrt() * x - (1 - abar).sqrt() * out
+        return x0 if x0_bound is None else x0.clamp(-x0_bound, x0_bound)
+
+    @torch.no_grad()
+    def sample_ddpm(self, model, shape, z, x0_bound=None, same_noise=False, keep_every=0, progress=False):
+        """Ancestral sampling through all steps, each from the posterior q(x_{t-1} | x_t, x_0)
+        at the model's x_0. `same_noise`: one noise trajectory shared by the batch (the original's
+        way to make the 32 slices of a volume). Returns the final latents and, with keep_every > 0,
+        pure noise and every keep_every-th state after it."""
+        x = self._initial_noise(shape, same_noise, z.device)
+        states = [x] if keep_every else []
+        for i in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps, desc="DDPM",
+                      leave=False, disable=not progress):
+            t = torch.full((shape[0],), i, device=z.device, dtype=torch.long)
+            x0 = self._predict_x0(model, x, t, z, x0_bound)
+            beta, abar = self._at(self.betas, t), self._at(self.alphas_cumprod, t)
+            abar_previous = self._at(self.alphas_cumprod_previous, t)
+            x = (beta * abar_previous.sqrt() * x0 + (1 - abar_previous) * (1 - beta).sqrt() * x) / (1 - abar)
+            if i > 0:
+                x = x + self._at(self.posterior_variance, t).sqrt() * self._initial_noise(shape, same_noise, z.device)
+            if keep_every and i % keep_every == 0:
+                states.append(x)
+        return x, states
+
+    @torch.no_grad()
+    def sample_ddim(self, model, shape, z, steps=50, x0_bound=None, same_noise=False):
+        """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps."""
+        x = self._initial_noise(shape, same_noise, z.device)
+        timesteps = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
+        for i, current in enumerate(timesteps):
+            t = torch.full((shape[0],), current, device=z.device, dtype=torch.long)
+            x0 = self._predict_x0(model, x, t, z, x0_bound)
+            abar = self._at(self.alphas_cumprod, t)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            abar_next = self.alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else self.alphas_cumprod.new_tensor(1.0)
+            x = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
+        return x

@@ -1,0 +1,234 @@
+"""Second stage: a latent DDPM ("stable diffusion") U-Net conditioned on the slice index z.
+
+    python latent_dataset.py && python stable_diffusion.py          # on the VQVAE's latents
+    python latent_dataset.py --FIRST_STAGE=vae && python stable_diffusion.py --FIRST_STAGE=vae
+    torchrun --nproc_per_node=2 stable_diffusion.py                 # DistributedDataParallel
+
+The U-Net learns to predict the noise added to first-stage latents (collected_latents/
+<FIRST_STAGE>_train.pt: the VQVAE's pre-quantisation latents, or the VAE's posterior means),
+standardised per channel with the train split's mean and std (the original min-max scaled per z
+and per element, which 48 brains cannot estimate). An exponential moving average of the weights
+is what gets evaluated and sampled. Each epoch: log, validate-split loss at fixed timesteps and
+noise, model_ckpt/<run>_{last,best}.pt, and a grid of one sampled volume (z = 0..31 sharing one
+noise trajectory, DDIM) decoded by the first stage (VQVAE: each vector snapped to its nearest
+code first). Re-running resumes. At the end: test loss once, log/<run>_summary.json.
+"""
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import dataset
+import util
+from latent_dataset import load_first_stage, load_latents
+from logger import TrainingLog
+from model_diffusion import GaussianDiffusion, LatentUNet
+from model_VAE import VQVAE
+
+# ----------------------------------------------------------------------------- config (CPU preset)
+FIRST_STAGE = "vqvae"        # run name of the first stage whose latents are modelled
+RUN_NAME = ""                # "" = "<FIRST_STAGE>_diffusion"
+BASE_CHANNELS = 32           # the original: 32 / 64 channels, attention, ~0.7M params
+CHANNEL_MULTS = (1, 2)
+RES_BLOCKS = 1               # res blocks per level (the up path has one more, for the skips)
+ATTENTION = True             # self-attention at the lowest level and in the middle
+Z_CONDITIONING = True        # embed the slice index z into every res block
+NUM_TIMESTEPS = 1000
+BETA_START = 1e-4            # linear beta schedule, as the original
+BETA_END = 0.02
+PREDICTION = "v"             # what the U-Net predicts: "v" (stable near t = T), or "eps", the noise (the original)
+LOSS = "mse"                 # "mse" (DDPM), or "l1" (the original)
+EPOCHS = 40                   # ~8 s each here
+BATCH_SIZE = 32              # per process
+LR = 1e-3                    # the original: Adam 1e-3
+MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
+EMA_DECAY = 0.995            # weight EMA, per step
+SAMPLE_STEPS = 50            # DDIM steps for the per-epoch grid (predict.py also runs the full DDPM)
+SEED = 0
+CKPT_DIR = "model_ckpt"
+LATENT_DIR = "collected_latents"
+LOG_DIR = "log"
+VISUALIZE_DIR = "visualize"
+
+# constants that fix tensor shapes or what the output means: a checkpoint made with others is refused
+SHAPE_KEYS = ("FIRST_STAGE", "BASE_CHANNELS", "CHANNEL_MULTS", "RES_BLOCKS", "ATTENTION", "Z_CONDITIONING",
+              "NUM_TIMESTEPS", "BETA_START", "BETA_END", "PREDICTION")
+NUM_Z = dataset.SLICES_PER_BRAIN
+
+
+def diffusion_latents(collected):
+    """The latents the U-Net models: VQVAE pre-quantisation latents, or VAE posterior means
+    (the collected VAE latents hold mean and log-variance stacked on channels)."""
+    latents = collected["latents"]
+    return latents if collected["indices"] is not None else latents[:, :latents.shape[1] // 2]
+
+
+def build_diffusion(config):
+    """The noise schedule and parameterisation a config describes."""
+    return GaussianDiffusion(config["NUM_TIMESTEPS"], config["BETA_START"], config["BETA_END"], config["PREDICTION"])
+
+
+def load_diffusion(path, device):
+    """A checkpoint of this script for sampling: (EMA U-Net in eval mode, diffusion, checkpoint)."""
+    checkpoint = util.load_checkpoint(path)
+    unet = LatentUNet(**checkpoint["model_args"])
+    unet.load_state_dict(checkpoint["ema_model"])
+    return unet.to(device).eval(), build_diffusion(checkpoint["config"]).to(device), checkpoint
+
+
+def decode_latents(first_stage, latents, stats, z):
+    """Images from sampled (normalised) latents: un-normalise, then decode; a VQVAE first snaps
+    each vector to its nearest code."""
+    latents = latents * stats["latent_std"].to(latents.device) + stats["latent_mean"].to(latents.device)
+    if isinstance(first_stage, VQVAE):
+        latents = first_stage.quantize(latents)[0]
+    return first_stage.decode(latents, z)
+
+
+@torch.no_grad()
+def evaluate(model, diffusion, latents, z, device, seed):
+    """Mean diffusion loss over (normalised) latents, with timesteps and noise fixed by `seed`
+    so that epochs compare."""
+    model.eval()
+    generator = torch.Generator(device).manual_seed(seed)
+    total = 0.0
+    for start in range(0, len(latents), 64):
+        batch = latents[start:start + 64].to(device)
+        total += diffusion.loss(model, batch, z[start:start + 64].to(device), LOSS, generator).item() * len(batch)
+    model.train()
+    return total / len(latents)
+
+
+@torch.no_grad()
+def sample_volume(model, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS):
+    """One volume: 32 slices, z = 0..31, sharing one noise trajectory (DDIM), decoded to images.
+    `stats`: the latent normalisation ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
+    model.eval()
+    z = torch.arange(NUM_Z, device=device)
+    latents = diffusion.sample_ddim(model, (NUM_Z,) + tuple(stats["latent_shape"]), z, steps,
+                                    x0_bound=stats["x0_bound"], same_noise=True)
+    model.train()
+    return decode_latents(first_stage, latents, stats, z)
+
+
+if __name__ == "__main__":
+    config = util.apply_overrides(globals())
+    run_name = RUN_NAME or f"{FIRST_STAGE}_diffusion"
+    device = util.setup_distributed()
+    world_size, rank = util.world_size_and_rank()
+    is_main = rank == 0
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    util.seed_everything(SEED)
+
+    train, validate = (load_latents(LATENT_DIR, FIRST_STAGE, split) for split in ("train", "validate"))
+    train_latents = diffusion_latents(train)
+    # per-channel standardisation, from the train split alone; sampled x_0 is clipped to its range
+    latent_mean = train_latents.mean((0, 2, 3))[:, None, None]
+    latent_std = train_latents.std((0, 2, 3))[:, None, None]
+
+    def normalise(latents):
+        return (latents - latent_mean) / latent_std
+
+    stats = {"latent_shape": tuple(train_latents.shape[1:]), "latent_mean": latent_mean, "latent_std": latent_std,
+             "x0_bound": normalise(train_latents).abs().max().item()}
+
+    first_stage, _ = load_first_stage(train["checkpoint"], device)
+    model_args = dict(in_channels=train_latents.shape[1], base_channels=BASE_CHANNELS,
+                      channel_mults=tuple(CHANNEL_MULTS), num_res_blocks=RES_BLOCKS, attention=ATTENTION,
+                      num_timesteps=NUM_TIMESTEPS, num_z_positions=NUM_Z if Z_CONDITIONING else None)
+    unet = LatentUNet(**model_args).to(device)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    diffusion = build_diffusion(config).to(device)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=LR)
+    train_loader = util.make_loader(torch.utils.data.TensorDataset(normalise(train_latents), train["z"]),
+                                    BATCH_SIZE, shuffle=True, seed=SEED, drop_last=True)
+    validate_latents = normalise(diffusion_latents(validate))
+
+    last_path = os.path.join(CKPT_DIR, f"{run_name}_last.pt")
+    best_path = os.path.join(CKPT_DIR, f"{run_name}_best.pt")
+    start_epoch, step, best_val_loss, train_seconds = 0, 0, math.inf, 0.0
+    if os.path.exists(last_path):
+        checkpoint = util.load_checkpoint(last_path, config, SHAPE_KEYS)
+        unet.load_state_dict(checkpoint["model"])
+        ema_unet.load_state_dict(checkpoint["ema_model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
+        train_seconds = checkpoint["train_seconds"]
+        torch.set_rng_state(checkpoint["rng_state"])
+        if is_main:
+            print(f"resuming {last_path}: epoch {start_epoch}, step {step}")
+    log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
+        if is_main else None
+    if is_main:
+        print(f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params on latents "
+              f"{tuple(train_latents.shape[1:])}, {len(train_latents)} training slices, device {device}")
+    model = DistributedDataParallel(unet) if world_size > 1 else unet
+
+    for epoch in range(start_epoch, EPOCHS):
+        train_loader.sampler.set_epoch(epoch)
+        epoch_start = time.time()
+        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
+        for latents, z in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
+            loss = diffusion.loss(model, latents.to(device), z.to(device), LOSS)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for ema_param, param in zip(ema_unet.parameters(), unet.parameters()):
+                    ema_param.lerp_(param, 1 - EMA_DECAY)
+            values = {"train_loss": loss.item()}
+            util.check_finite(values, step, last_path, "Try a lower LR.")
+            if is_main:
+                log.write(step, values)
+                progress.set_postfix(loss=f"{values['train_loss']:.4f}")
+            step += 1
+        train_seconds += time.time() - epoch_start
+
+        if is_main:
+            val_loss = evaluate(ema_unet, diffusion, validate_latents, validate["z"], device, SEED)
+            log.write(step - 1, {"val_loss": val_loss})
+            images = sample_volume(ema_unet, diffusion, first_stage, stats, device)
+            util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
+            improved = val_loss < best_val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+            checkpoint = {"config": config, "model_args": model_args, "model": unet.state_dict(),
+                          "ema_model": ema_unet.state_dict(), "optimizer": optimizer.state_dict(),
+                          "stats": stats,
+                          "epoch": epoch + 1, "step": step, "best_val_loss": best_val_loss,
+                          "train_seconds": train_seconds, "rng_state": torch.get_rng_state()}
+            if improved:
+                util.save_checkpoint(checkpoint, best_path)
+            util.save_checkpoint(checkpoint, last_path)
+            print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val loss {val_loss:.4f}, "
+                  f"{len(train_loader) * BATCH_SIZE * world_size / (time.time() - epoch_start):.1f} latents/s"
+                  + (" (best)" if improved else ""))
+        if world_size > 1:
+            torch.distributed.barrier()
+
+    if is_main:
+        best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
+        ema_unet.load_state_dict(best["ema_model"])
+        test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
+        sample_start = time.time()
+        images = sample_volume(ema_unet, diffusion, first_stage, stats, device)
+        sample_seconds = time.time() - sample_start
+        util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
+        summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
+                   "best_val_loss": best["best_val_loss"],
+                   "test_loss": evaluate(ema_unet, diffusion, normalise(diffusion_latents(test)), test["z"], device,
+                                         SEED),
+                   f"sample_seconds_32_slices_ddim{SAMPLE_STEPS}": sample_seconds,
+                   "train_seconds": train_seconds, "parameters": sum(p.numel() for p in unet.parameters()),
+                   "device": str(device), "processes": world_size, "config": config}
+        with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,223 @@
+"""Second stage: the transformer prior, the latent diffusion, and the scripts end to end on a tiny
+VQVAE trained on real demo brains (2 train brains at 32x32)."""
+import json
+import math
+import os
+import runpy
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageSequence
+
+import util
+from logger import read_log
+from model_diffusion import GaussianDiffusion, LatentUNet
+from train_viT import CodePrior
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FIRST_STAGE = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 2)", "--PATCH_SIZE=2",
+                    "--NUM_CODES=32", "--CODE_DIM=4", "--LATENT_CHANNELS=4", "--DISC_CHANNELS=8",
+                    "--DISC_LAYERS=2", "--BATCH_SIZE=8", "--GAN_START_STEP=8", "--LR=1e-3", "--EPOCHS=2"]
+TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3"]
+TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5"]
+
+
+def run_script(name, argv):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [name] + argv)
+        runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
+
+
+def folders(out_dir):
+    return [f"--CKPT_DIR={out_dir}/ckpt", f"--LOG_DIR={out_dir}/log", f"--VISUALIZE_DIR={out_dir}/visualize"]
+
+
+@pytest.fixture(scope="module")
+def first_stage_dir(demo_dir, tmp_path_factory):
+    """A tiny VQVAE and VAE trained for 2 epochs, with their latents collected."""
+    out_dir = tmp_path_factory.mktemp("pipeline")
+    for mode in ("VQVAE", "VAE"):
+        run_script("pre_train.py", TINY_FIRST_STAGE + folders(out_dir) + [f"--MODE={mode}", f"--DATA_DIR={demo_dir}"])
+        run_script("latent_dataset.py", [f"--FIRST_STAGE={mode.lower()}", f"--CKPT_DIR={out_dir}/ckpt",
+                                         f"--LATENT_DIR={out_dir}/latents"])
+    return out_dir
+
+
+def second_stage_args(out_dir, *extra):
+    return folders(out_dir) + [f"--LATENT_DIR={out_dir}/latents", *extra]
+
+
+# ----------------------------------------------------------------------------- transformer prior
+def tiny_prior(**kwargs):
+    torch.manual_seed(0)
+    return CodePrior(num_codes=11, grid_shape=(3, 4), num_z_positions=32, num_layers=2, num_heads=2, dim=16,
+                     dropout=0.0, **kwargs).eval()
+
+
+def test_prior_logits_depend_only_on_earlier_codes_and_z():
+    prior = tiny_prior()
+    codes = torch.randint(0, 11, (2, 3, 4))
+    z = torch.tensor([3, 17])
+    logits = prior(codes, z)
+    changed = codes.clone()
+    changed[:, 1, 2] = (changed[:, 1, 2] + 1) % 11        # raster position 6
+    logits_changed = prior(changed, z)
+    assert torch.allclose(logits[:, :7], logits_changed[:, :7], atol=1e-6)   # position 6 is predicted, not seen
+    assert not torch.allclose(logits[:, 7:], logits_changed[:, 7:], atol=1e-4)
+    assert not torch.allclose(logits[:, 0], prior(codes, torch.tensor([4, 18]))[:, 0], atol=1e-4)
+
+
+def test_cached_sampling_follows_the_full_forward_pass():
+    """Sampling with the KV cache must draw from the same distribution as a full forward pass:
+    re-running the drawn codes through forward() gives the logits the sampler used."""
+    prior = tiny_prior()
+    z = torch.tensor([0, 5, 31])
+    torch.manual_seed(1)
+    drawn = prior.sample(z, temperature=1.0)
+    assert drawn.shape == (3, 3, 4) and drawn.dtype == torch.long
+    # redo the draws step by step from full forwards with the same random stream
+    torch.manual_seed(1)
+    codes = torch.zeros(3, 12, dtype=torch.long)
+    for position in range(12):
+        logits = prior(codes.view(3, 3, 4), z)[:, position]
+        codes[:, position] = torch.multinomial(logits.softmax(-1), 1)[:, 0]
+    assert torch.equal(drawn, codes.view(3, 3, 4))
+
+
+def test_top_k_one_is_greedy():
+    prior = tiny_prior()
+    z = torch.tensor([2, 9])
+    greedy = prior.sample(z, top_k=1)
+    logits = prior(greedy, z)
+    assert torch.equal(logits.argmax(-1), greedy.flatten(1))
+
+
+# ----------------------------------------------------------------------------- diffusion
+def test_unet_shapes_zero_start_and_z_effect():
+    torch.manual_seed(0)
+    unet = LatentUNet(in_channels=4, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_timesteps=100)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 90])
+    assert torch.equal(unet(x, t, torch.tensor([0, 1])), torch.zeros(2, 4, 8, 8))   # zero-initialised output
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    out = unet(x, t, torch.tensor([0, 1]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, unet(x, t, torch.tensor([7, 20])), atol=1e-5)
+
+
+def test_noise_schedule_matches_ddpm_formulas():
+    diffusion = GaussianDiffusion(1000, 1e-4, 0.02)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert np.allclose(diffusion.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-5)
+    x0, noise, t = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.tensor([0, 499, 999])
+    abar = torch.tensor(np.cumprod(1 - betas)[[0, 499, 999]], dtype=torch.float32)[:, None, None, None]
+    assert torch.allclose(diffusion.add_noise(x0, t, noise), abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-6)
+
+
+class Oracle(torch.nn.Module):
+    """The exact noise / v predictor for data that is a single point x0."""
+
+    def __init__(self, diffusion, x0):
+        super().__init__()
+        self.diffusion, self.x0 = diffusion, x0
+
+    def forward(self, x, t, z):
+        abar = self.diffusion.alphas_cumprod[t][:, None, None, None]
+        noise = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        return noise if self.diffusion.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * self.x0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_samplers_reach_the_data_with_an_exact_predictor(prediction):
+    diffusion = GaussianDiffusion(1000, 1e-4, 0.02, prediction)
+    x0 = torch.randn(1, 2, 4, 4).expand(3, 2, 4, 4)
+    oracle, z = Oracle(diffusion, x0), torch.zeros(3, dtype=torch.long)
+    torch.manual_seed(0)
+    assert torch.allclose(diffusion.sample_ddim(oracle, x0.shape, z, steps=10), x0, atol=1e-3)
+    final, states = diffusion.sample_ddpm(oracle, x0.shape, z, same_noise=True, keep_every=100)
+    assert torch.allclose(final, x0, atol=1e-2)
+    assert len(states) == 11 and torch.equal(states[0][0], states[0][2])   # one shared trajectory
+    assert states[0].std() > 0.5 and torch.equal(states[-1], final)
+    # x_0 clipping: a bound below the data's range caps what the sampler can reach
+    clipped = diffusion.sample_ddim(oracle, x0.shape, z, steps=10, x0_bound=0.5)
+    assert clipped.abs().max() <= 0.5 + 1e-4 and not torch.allclose(clipped, x0, atol=1e-2)
+
+
+def test_v_target_matches_its_definition():
+    diffusion = GaussianDiffusion(1000, 1e-4, 0.02, "v")
+    x0 = torch.randn(4, 2, 4, 4)
+    captured = {}
+
+    def model(x, t, z):
+        captured.update(x=x, t=t)
+        return torch.zeros_like(x)
+
+    generator = torch.Generator().manual_seed(3)
+    loss = diffusion.loss(model, x0, torch.zeros(4, dtype=torch.long), "mse", generator)
+    generator = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (4,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    abar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32)[t][:, None, None, None]
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    assert torch.equal(captured["t"], t) and torch.allclose(loss, (v ** 2).mean(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- scripts end to end
+def test_latent_dataset_writes_each_split_in_order(first_stage_dir, demo_dir):
+    import dataset
+    train = util.load_checkpoint(str(first_stage_dir / "latents" / "vqvae_train.pt"))
+    slices = dataset.OasisSlices("train", demo_dir, 32)
+    assert train["latents"].shape == (64, 4, 8, 8) and train["indices"].shape == (64, 8, 8)
+    assert torch.equal(train["z"], torch.from_numpy(slices.zs)) and train["config"]["NUM_CODES"] == 32
+    vae = util.load_checkpoint(str(first_stage_dir / "latents" / "vae_test.pt"))
+    assert vae["latents"].shape == (32, 8, 8, 8) and vae["indices"] is None   # mean and log-variance
+
+
+def test_prior_training_improves_resumes_and_summarises(first_stage_dir, tmp_path):
+    run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=3", *TINY_PRIOR, f"--CKPT_DIR={tmp_path}",
+                                                 f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"))
+    log = read_log(str(tmp_path / "vqvae_prior.log"))
+    val = log["val_loss"][1]
+    assert len(val) == 3 and val[-1] < val[0] < math.log(32) + 0.1
+    run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=4", *TINY_PRIOR, f"--CKPT_DIR={tmp_path}",
+                                                 f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"))
+    assert util.load_checkpoint(str(tmp_path / "vqvae_prior_last.pt"))["epoch"] == 4
+    assert np.array_equal(read_log(str(tmp_path / "vqvae_prior.log"))["train_loss"][0], np.arange(4 * 8))
+    summary = json.loads((tmp_path / "vqvae_prior_summary.json").read_text())
+    assert summary["test_nats_per_code"] < summary["uniform_nats_per_code"]
+    assert (tmp_path / "vqvae_prior_samples_best.png").exists()
+
+
+def test_prior_refuses_vae_latents(first_stage_dir, tmp_path):
+    with pytest.raises(SystemExit, match="holds VAE latents"):
+        run_script("train_viT.py", second_stage_args(first_stage_dir, "--FIRST_STAGE=vae", f"--CKPT_DIR={tmp_path}"))
+
+
+def test_missing_latents_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vqvae_train.pt do not exist; run python latent_dataset.py"):
+        run_script("stable_diffusion.py", second_stage_args(tmp_path))
+
+
+def test_diffusion_training_improves_and_predict_pictures_everything(first_stage_dir):
+    run_script("stable_diffusion.py", second_stage_args(first_stage_dir, "--EPOCHS=6", *TINY_DIFFUSION))
+    log = read_log(str(first_stage_dir / "log" / "vqvae_diffusion.log"))
+    val = log["val_loss"][1]
+    assert len(val) == 6 and val[-1] < 0.9 * val[0]
+    run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=1", *TINY_PRIOR))
+    run_script("predict.py", second_stage_args(first_stage_dir, "--GIF_EVERY=100", "--TSNE_POINTS=64"))
+    results = json.loads((first_stage_dir / "log" / "vqvae_predict.json").read_text())
+    assert 0 < results["ssim"] <= 1 and 0 < results["codebook_usage"] <= 1
+    realism = results["nearest_test_slice_ssim"]
+    assert set(realism) == {"real_validate_slices", "histogram", "prior", "diffusion_ddim50", "diffusion_ddpm1000"}
+    assert all(0 < score <= 1 for score in realism.values())
+    gif_path = first_stage_dir / "visualize" / "vqvae_denoising.gif"
+    frames = iio.imread(str(gif_path), index=None)
+    assert frames.shape[:3] == (11, 4 * 34 + 2, 8 * 34 + 2)    # noise + every 100th of 1000 states; 4 x 8 grid
+    with Image.open(gif_path) as gif:
+        durations = [frame.info["duration"] for frame in ImageSequence.Iterator(gif)]
+    assert durations[0] == 30 and durations[-1] == 1000    # 30 fps (GIF keeps centiseconds), last held 1 s
+    pictures = os.listdir(first_stage_dir / "visualize")
+    for name in ("codebook_usage", "latents_tsne", "generated_prior", "generated_diffusion_ddpm1000"):
+        assert f"vqvae_{name}.png" in pictures

@@ -1,0 +1,287 @@
+"""Second stage (VQVAE): a transformer prior over the code grid, conditioned on the slice index z.
+
+    python latent_dataset.py && python train_viT.py      # after pre_train.py --MODE=VQVAE
+    torchrun --nproc_per_node=2 train_viT.py             # DistributedDataParallel, same script
+
+A decoder-only (GPT) transformer reads a slice's codes in raster order. Position 0 holds a
+start token made from z, so the logits at position i predict code i from z and codes 0..i-1
+(the original predicted code i from codes 0..i, learned to copy its input, and sampled noise).
+Training minimises cross-entropy on collected_latents/<FIRST_STAGE>_train.pt; each epoch logs,
+scores the validate split (nats per code), saves model_ckpt/<run>_{last,best}.pt and a grid of
+32 sampled slices (z = 0..31) decoded by the first stage to visualize/. Re-running resumes.
+At the end the best epoch is scored once on the test split, next to the per-position code
+histogram the first stage samples from, and log/<run>_summary.json is written.
+"""
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import dataset
+import util
+from latent_dataset import load_first_stage, load_latents
+from logger import TrainingLog
+from pre_train import code_counts_per_position
+
+# ----------------------------------------------------------------------------- config (CPU preset)
+FIRST_STAGE = "vqvae"        # run name of the VQVAE whose codes are modelled
+RUN_NAME = ""                # "" = "<FIRST_STAGE>_prior"
+N_LAYER = 4
+N_HEAD = 4
+N_EMBD = 128                 # the original: 2 layers, width 32, 2 heads
+DROPOUT = 0.1
+EPOCHS = 6                    # ~1 min each here; the validation loss still falls at 10 (3.33 nats/code)
+BATCH_SIZE = 32              # per process
+LR = 1e-3
+MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
+WEIGHT_DECAY = 0.1
+TEMPERATURE = 1.0            # sampling: softmax temperature
+TOP_K = 0                    # sampling: keep the k likeliest codes at each step (0 = all)
+SEED = 0
+CKPT_DIR = "model_ckpt"
+LATENT_DIR = "collected_latents"
+LOG_DIR = "log"
+VISUALIZE_DIR = "visualize"
+
+SHAPE_KEYS = ("FIRST_STAGE", "N_LAYER", "N_HEAD", "N_EMBD")
+NUM_Z = dataset.SLICES_PER_BRAIN
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention. With a `cache` dict (sampling) the keys and values of
+    earlier positions are kept, so each new token costs one position's work."""
+
+    def __init__(self, dim, num_heads, dropout):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cache=None):
+        q, k, v = rearrange(self.qkv(x), "b n (three heads d) -> three b heads n d", three=3, heads=self.num_heads)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # a cached step's query is the newest position: it may see every key, so no mask
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(out, "b heads n d -> b n (heads d)"))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, dim, num_heads, dropout):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = CausalSelfAttention(dim, num_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x, cache=None):
+        x = x + self.attention(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class CodePrior(nn.Module):
+    """p(codes | z) = prod_i p(code_i | z, codes < i) over a latent grid read in raster order."""
+
+    def __init__(self, num_codes, grid_shape, num_z_positions, num_layers=4, num_heads=4, dim=128, dropout=0.1):
+        super().__init__()
+        self.grid_shape = tuple(grid_shape)
+        self.sequence_length = self.grid_shape[0] * self.grid_shape[1]
+        self.code_embedding = nn.Embedding(num_codes, dim)
+        self.z_embedding = nn.Embedding(num_z_positions, dim)      # the start token
+        self.position_embedding = nn.Embedding(self.sequence_length, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_codes, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _logits(self, tokens, start, caches):
+        """Logits after the token embeddings `tokens` (B, n, dim) at positions start..start+n-1."""
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = self.dropout(tokens + self.position_embedding(positions))
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        return self.head(self.norm(x))
+
+    def forward(self, codes, z):
+        """Code grids (B, h, w) and z (B,) -> logits (B, h*w, num_codes); logits[:, i] predicts
+        code i of the raster order from z and the codes before it."""
+        codes = rearrange(codes, "b h w -> b (h w)")
+        tokens = torch.cat([self.z_embedding(z)[:, None], self.code_embedding(codes[:, :-1])], dim=1)
+        return self._logits(tokens, 0, [None] * len(self.blocks))
+
+    @torch.no_grad()
+    def sample(self, z, temperature=1.0, top_k=0):
+        """Code grids (B, h, w) drawn token by token for slice indices z (B,), with a KV cache."""
+        caches = [{} for _ in self.blocks]
+        token, codes = self.z_embedding(z)[:, None], []
+        for position in range(self.sequence_length):
+            logits = self._logits(token, position, caches)[:, -1].float() / temperature
+            if top_k:
+                threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+            code = torch.multinomial(logits.softmax(-1), 1)
+            codes.append(code)
+            token = self.code_embedding(code)
+        return rearrange(torch.cat(codes, dim=1), "b (h w) -> b h w", h=self.grid_shape[0])
+
+
+def nats_per_code(logits, codes):
+    """Mean cross-entropy of code grids (B, h, w) under logits (B, h*w, num_codes)."""
+    return F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), rearrange(codes, "b h w -> b (h w)"))
+
+
+def histogram_nats_per_code(train_codes, codes, num_codes):
+    """Cross-entropy of `codes` under each position's train-split code histogram (add-one
+    smoothed): the distribution the first stage's random sampler draws from."""
+    counts = rearrange(code_counts_per_position(train_codes, num_codes), "h w k -> (h w) k").float() + 1
+    log_probs = (counts / counts.sum(1, keepdim=True)).log()
+    flat = rearrange(codes, "n h w -> n (h w)")
+    return -log_probs.gather(1, flat.T).mean().item()
+
+
+@torch.no_grad()
+def evaluate(prior, loader, device):
+    """Mean nats per code over a loader of (codes, z)."""
+    prior.eval()
+    total, count = 0.0, 0
+    for codes, z in loader:
+        total += nats_per_code(prior(codes.to(device), z.to(device)), codes.to(device)).item() * len(codes)
+        count += len(codes)
+    prior.train()
+    return total / count
+
+
+@torch.no_grad()
+def save_samples(prior, first_stage, device, path):
+    """32 slices, z = 0..31, sampled by the prior and decoded by the first stage, as one grid."""
+    prior.eval()
+    z = torch.arange(NUM_Z, device=device)
+    codes = prior.sample(z, TEMPERATURE, TOP_K)
+    util.save_image_grid(first_stage.decode_indices(codes, z), path)
+    prior.train()
+    return codes
+
+
+if __name__ == "__main__":
+    config = util.apply_overrides(globals())
+    run_name = RUN_NAME or f"{FIRST_STAGE}_prior"
+    device = util.setup_distributed()
+    world_size, rank = util.world_size_and_rank()
+    is_main = rank == 0
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    util.seed_everything(SEED)
+
+    train, validate = (load_latents(LATENT_DIR, FIRST_STAGE, split) for split in ("train", "validate"))
+    if train["indices"] is None:
+        raise SystemExit(f"{LATENT_DIR}/{FIRST_STAGE}_train.pt holds VAE latents; the transformer prior "
+                         f"models VQ codes: set FIRST_STAGE to a VQVAE run")
+    first_stage, first_stage_config = load_first_stage(train["checkpoint"], device)
+    model_args = dict(num_codes=first_stage_config["NUM_CODES"], grid_shape=tuple(train["indices"].shape[1:]),
+                      num_z_positions=NUM_Z, num_layers=N_LAYER, num_heads=N_HEAD, dim=N_EMBD, dropout=DROPOUT)
+    train_loader = util.make_loader(torch.utils.data.TensorDataset(train["indices"], train["z"]), BATCH_SIZE,
+                                    shuffle=True, seed=SEED, drop_last=True)
+    validate_loader = util.make_loader(torch.utils.data.TensorDataset(validate["indices"], validate["z"]), 64,
+                                       shuffle=False)
+    prior = CodePrior(**model_args).to(device)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
+
+    last_path = os.path.join(CKPT_DIR, f"{run_name}_last.pt")
+    best_path = os.path.join(CKPT_DIR, f"{run_name}_best.pt")
+    start_epoch, step, best_val_loss, train_seconds = 0, 0, math.inf, 0.0
+    if os.path.exists(last_path):
+        checkpoint = util.load_checkpoint(last_path, config, SHAPE_KEYS)
+        prior.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
+        train_seconds = checkpoint["train_seconds"]
+        torch.set_rng_state(checkpoint["rng_state"])
+        if is_main:
+            print(f"resuming {last_path}: epoch {start_epoch}, step {step}")
+    log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
+        if is_main else None
+    if is_main:
+        print(f"prior {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M params, {prior.sequence_length} "
+              f"codes per slice from {model_args['num_codes']}, {len(train['z'])} training slices, device {device}")
+    model = DistributedDataParallel(prior) if world_size > 1 else prior
+
+    for epoch in range(start_epoch, EPOCHS):
+        train_loader.sampler.set_epoch(epoch)
+        epoch_start = time.time()
+        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
+        for codes, z in progress:
+            codes, z = codes.to(device), z.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
+            loss = nats_per_code(model(codes, z), codes)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+            optimizer.step()
+            values = {"train_loss": loss.item()}
+            util.check_finite(values, step, last_path, "Try a lower LR.")
+            if is_main:
+                log.write(step, values)
+                progress.set_postfix(loss=f"{values['train_loss']:.4f}")
+            step += 1
+        train_seconds += time.time() - epoch_start
+
+        if is_main:
+            val_loss = evaluate(prior, validate_loader, device)
+            log.write(step - 1, {"val_loss": val_loss})
+            save_samples(prior, first_stage, device,
+                         os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
+            improved = val_loss < best_val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+            checkpoint = {"config": config, "model_args": model_args, "model": prior.state_dict(),
+                          "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
+                          "best_val_loss": best_val_loss, "train_seconds": train_seconds,
+                          "rng_state": torch.get_rng_state()}
+            if improved:
+                util.save_checkpoint(checkpoint, best_path)
+            util.save_checkpoint(checkpoint, last_path)
+            print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val {val_loss:.4f} nats/code, "
+                  f"{len(train_loader) * BATCH_SIZE * world_size / (time.time() - epoch_start):.1f} slices/s"
+                  + (" (best)" if improved else ""))
+        if world_size > 1:
+            torch.distributed.barrier()
+
+    if is_main:
+        best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
+        prior.load_state_dict(best["model"])
+        test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
+        test_loader = util.make_loader(torch.utils.data.TensorDataset(test["indices"], test["z"]), 64, shuffle=False)
+        sample_start = time.time()
+        samples = save_samples(prior, first_stage, device, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
+        summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
+                   "test_nats_per_code": evaluate(prior, test_loader, device),
+                   "test_nats_per_code_histogram": histogram_nats_per_code(train["indices"], test["indices"],
+                                                                           model_args["num_codes"]),
+                   "uniform_nats_per_code": math.log(model_args["num_codes"]),
+                   "sample_seconds_32_slices": time.time() - sample_start,
+                   "distinct_codes_in_samples": len(samples.unique()),
+                   "train_seconds": train_seconds, "parameters": sum(p.numel() for p in prior.parameters()),
+                   "device": str(device), "processes": world_size, "config": config}
+        with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
