@@ -4,6 +4,7 @@ import json
 import math
 import os
 import runpy
+import subprocess
 import sys
 
 import imageio.v3 as iio
@@ -221,3 +222,20 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     pictures = os.listdir(first_stage_dir / "visualize")
     for name in ("codebook_usage", "latents_tsne", "generated_prior", "generated_diffusion_ddpm1000"):
         assert f"vqvae_{name}.png" in pictures
+
+
+@pytest.mark.parametrize("script, extra", [("train_viT.py", TINY_PRIOR), ("stable_diffusion.py", TINY_DIFFUSION)])
+def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = 29531 if script == "train_viT.py" else 29532
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}", os.path.join(ROOT, script),
+                             *second_stage_args(first_stage_dir, "--EPOCHS=1", *extra, f"--CKPT_DIR={tmp_path}",
+                                                f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = script.replace("train_viT.py", "vqvae_prior").replace("stable_diffusion.py", "vqvae_diffusion")
+    summary = json.loads((tmp_path / f"{run}_summary.json").read_text())
+    batch = 8 if script == "train_viT.py" else 16
+    assert summary["processes"] == 2
+    assert util.load_checkpoint(str(tmp_path / f"{run}_last.pt"))["step"] == 64 // (2 * batch)
