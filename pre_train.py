@@ -177,19 +177,13 @@ if __name__ == "__main__":
     last_path = os.path.join(CKPT_DIR, f"{run_name}_last.pt")
     best_path = os.path.join(CKPT_DIR, f"{run_name}_best.pt")
     start_epoch, step, best_val_ssim, train_seconds, train_images = 0, 0, -1.0, 0.0, 0
-    if os.path.exists(last_path):
-        checkpoint = util.load_checkpoint(last_path, config, SHAPE_KEYS)
-        model.load_state_dict(checkpoint["model"])
-        discriminator.load_state_dict(checkpoint["discriminator"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        disc_optimizer.load_state_dict(checkpoint["disc_optimizer"])
+    checkpoint = util.resume(last_path, config, SHAPE_KEYS, {"model": model, "discriminator": discriminator,
+                             "optimizer": optimizer, "disc_optimizer": disc_optimizer}, verbose=is_main)
+    if checkpoint:
         code_histogram = checkpoint["code_histogram"]
         code_histogram = None if code_histogram is None else code_histogram.to(device)
         start_epoch, step, best_val_ssim = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_ssim"]
         train_seconds, train_images = checkpoint["train_seconds"], checkpoint["train_images"]
-        torch.set_rng_state(checkpoint["rng_state"])
-        if is_main:
-            print(f"resuming {last_path}: epoch {start_epoch}, step {step}")
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
         if is_main else None
     if is_main:

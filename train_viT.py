@@ -207,15 +207,10 @@ if __name__ == "__main__":
     last_path = os.path.join(CKPT_DIR, f"{run_name}_last.pt")
     best_path = os.path.join(CKPT_DIR, f"{run_name}_best.pt")
     start_epoch, step, best_val_loss, train_seconds = 0, 0, math.inf, 0.0
-    if os.path.exists(last_path):
-        checkpoint = util.load_checkpoint(last_path, config, SHAPE_KEYS)
-        prior.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoint = util.resume(last_path, config, SHAPE_KEYS, {"model": prior, "optimizer": optimizer}, verbose=is_main)
+    if checkpoint:
         start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
         train_seconds = checkpoint["train_seconds"]
-        torch.set_rng_state(checkpoint["rng_state"])
-        if is_main:
-            print(f"resuming {last_path}: epoch {start_epoch}, step {step}")
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
         if is_main else None
     if is_main:

@@ -177,6 +177,21 @@ def load_checkpoint(path, config=None, shape_keys=(), map_location="cpu"):
     return checkpoint
 
 
+def resume(last_path, config, shape_keys, targets, verbose=True):
+    """Continue a run: when `last_path` exists, load it (refusing another config), restore each
+    of `targets` ({checkpoint key: module or optimizer}) and the CPU RNG, and return the
+    checkpoint; None when there is nothing to resume."""
+    if not os.path.exists(last_path):
+        return None
+    checkpoint = load_checkpoint(last_path, config, shape_keys)
+    for key, target in targets.items():
+        target.load_state_dict(checkpoint[key])
+    torch.set_rng_state(checkpoint["rng_state"])
+    if verbose:
+        print(f"resuming {last_path}: epoch {checkpoint['epoch']}, step {checkpoint['step']}")
+    return checkpoint
+
+
 # ----------------------------------------------------------------------------- config overrides
 def config_names(namespace):
     """The user-editable constants of a script: its upper-case globals of plain types."""

@@ -1,0 +1,78 @@
+"""Second stage on the demo brains: quality from the runs `make` leaves behind, and sampling
+speed measured here (transformer prior with and without its KV cache; DDIM-50 against the full
+DDPM-1000 of the latent diffusion).
+
+    make                                   # trains everything (or: the scripts one by one)
+    .venv/bin/python bench/second_stage.py
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import util  # noqa: E402
+from stable_diffusion import load_diffusion  # noqa: E402
+from train_viT import CodePrior  # noqa: E402
+
+SAMPLES = 16
+
+
+def read_json(name):
+    path = os.path.join(ROOT, "log", name)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} does not exist: run `make` (or pre_train.py, latent_dataset.py, train_viT.py, "
+                         f"stable_diffusion.py and predict.py) first")
+    with open(path) as f:
+        return json.load(f)
+
+
+@torch.no_grad()
+def sample_without_cache(prior, z):
+    """The original's way: one full forward pass over the whole prefix for every new code."""
+    codes = torch.zeros(len(z), prior.sequence_length, dtype=torch.long)
+    for position in range(prior.sequence_length):
+        logits = prior(codes.view(len(z), *prior.grid_shape), z)[:, position]
+        codes[:, position] = torch.multinomial(logits.softmax(-1), 1)[:, 0]
+    return codes
+
+
+def timed(function):
+    start = time.time()
+    function()
+    return time.time() - start
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    prior_summary, diffusion_summary = read_json("vqvae_prior_summary.json"), read_json("vqvae_diffusion_summary.json")
+    predict = read_json("vqvae_predict.json")
+    print("transformer prior, test split (nats per code; lower is better)")
+    print(f"  prior {prior_summary['test_nats_per_code']:.3f}   per-position histogram "
+          f"{prior_summary['test_nats_per_code_histogram']:.3f}   uniform {prior_summary['uniform_nats_per_code']:.3f}"
+          f"   ({prior_summary['parameters'] / 1e6:.2f}M params, {prior_summary['train_seconds']:.0f} s training)")
+    print(f"latent diffusion: test loss {diffusion_summary['test_loss']:.4f} "
+          f"({diffusion_summary['parameters'] / 1e6:.2f}M params, {diffusion_summary['train_seconds']:.0f} s training)")
+    print("one generated volume (z = 0..31): mean best SSIM against test slices of the same z")
+    for name, score in predict["nearest_test_slice_ssim"].items():
+        print(f"  {name:22s} {score:.4f}")
+
+    checkpoint = util.load_checkpoint(os.path.join(ROOT, "model_ckpt", "vqvae_prior_best.pt"))
+    prior = CodePrior(**checkpoint["model_args"]).eval()
+    prior.load_state_dict(checkpoint["model"])
+    z = torch.arange(SAMPLES) % 32
+    cached = timed(lambda: prior.sample(z))
+    uncached = timed(lambda: sample_without_cache(prior, z))
+    print(f"prior sampling, {SAMPLES} slices x {prior.sequence_length} codes: KV cache {cached:.2f} s, "
+          f"full forward per code {uncached:.2f} s ({uncached / cached:.1f}x)")
+
+    unet, diffusion, checkpoint = load_diffusion(os.path.join(ROOT, "model_ckpt", "vqvae_diffusion_best.pt"), "cpu")
+    shape = (SAMPLES,) + tuple(checkpoint["stats"]["latent_shape"])
+    ddim = timed(lambda: diffusion.sample_ddim(unet, shape, z, 50))
+    ddpm = timed(lambda: diffusion.sample_ddpm(unet, shape, z))
+    print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}: DDIM-50 {ddim:.2f} s, DDPM-1000 {ddpm:.2f} s "
+          f"({ddpm / ddim:.1f}x)")
