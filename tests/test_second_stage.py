@@ -239,3 +239,16 @@ def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
     batch = 8 if script == "train_viT.py" else 16
     assert summary["processes"] == 2
     assert util.load_checkpoint(str(tmp_path / f"{run}_last.pt"))["step"] == 64 // (2 * batch)
+
+
+def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
+    run_script("stable_diffusion.py", second_stage_args(first_stage_dir, "--FIRST_STAGE=vae", "--EPOCHS=1",
+                                                        *TINY_DIFFUSION))
+    checkpoint = util.load_checkpoint(str(first_stage_dir / "ckpt" / "vae_diffusion_best.pt"))
+    assert checkpoint["stats"]["latent_shape"] == (4, 8, 8)       # the means, not mean and log-variance
+    run_script("predict.py", second_stage_args(first_stage_dir, "--FIRST_STAGE=vae", "--GIF_EVERY=500",
+                                               "--TSNE_POINTS=64"))
+    results = json.loads((first_stage_dir / "log" / "vae_predict.json").read_text())
+    assert "codebook_usage" not in results and 0 < results["ssim"] <= 1
+    assert set(results["nearest_test_slice_ssim"]) == {"real_validate_slices", "gaussian", "diffusion_ddim50",
+                                                       "diffusion_ddpm1000"}
