@@ -9,7 +9,7 @@ Samplers: the first stage's own (VAE: N(0, I); VQVAE: per-position code histogra
 transformer prior (model_ckpt/<FIRST_STAGE>_prior_best.pt) and the latent diffusion
 (model_ckpt/<FIRST_STAGE>_diffusion_best.pt), each when its checkpoint exists. Each draws one
 volume (z = 0..31); its realism score is the mean over slices of the best SSIM against the
-test slices at the same z (real validate slices, scored the same way, give the ceiling).
+test slices at the same z (real validate slices, scored the same way, give a reference).
 Everything goes to visualize/<FIRST_STAGE>_*.png / .gif and log/<FIRST_STAGE>_predict.json.
 """
 import contextlib
@@ -29,7 +29,7 @@ from module import codebook_stats
 from pre_train import code_counts_per_position
 from pre_train import evaluate as first_stage_ssim
 from stable_diffusion import decode_latents, load_diffusion, sample_volume
-from train_viT import TEMPERATURE, TOP_K, CodePrior
+from train_viT import TEMPERATURE, TOP_K, load_prior
 
 # ----------------------------------------------------------------------------- config
 FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STAGE>_prior / _diffusion
@@ -117,7 +117,7 @@ if __name__ == "__main__":
     first_stage, first_stage_config = load_first_stage(collected["checkpoint"], device)
     data_dir, img_size = first_stage_config["DATA_DIR"], first_stage_config["IMG_SIZE"]
     loader = dataset.get_dataloader(SPLIT, 32, data_dir, img_size, shuffle=False)
-    reference = dataset.OasisSlices(SPLIT, data_dir, img_size)
+    reference = loader.dataset
     reference_images = torch.stack([reference[i][0] for i in range(len(reference))]).to(device)
     reference_z = torch.from_numpy(reference.zs).to(device)
     picture = os.path.join(VISUALIZE_DIR, FIRST_STAGE)
@@ -146,9 +146,7 @@ if __name__ == "__main__":
             generated = {"gaussian": first_stage.sample(NUM_Z, z, img_size)}
         prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
         if os.path.isfile(prior_path):
-            checkpoint = util.load_checkpoint(prior_path)
-            prior = CodePrior(**checkpoint["model_args"]).to(device).eval()
-            prior.load_state_dict(checkpoint["model"])
+            prior, _ = load_prior(prior_path, device)
             generated["prior"] = first_stage.decode_indices(prior.sample(z, TEMPERATURE, TOP_K), z)
         diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
         if os.path.isfile(diffusion_path):

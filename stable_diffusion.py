@@ -4,8 +4,9 @@
     python latent_dataset.py --FIRST_STAGE=vae && python stable_diffusion.py --FIRST_STAGE=vae
     torchrun --nproc_per_node=2 stable_diffusion.py                 # DistributedDataParallel
 
-The U-Net learns to predict the noise added to first-stage latents (collected_latents/
-<FIRST_STAGE>_train.pt: the VQVAE's pre-quantisation latents, or the VAE's posterior means),
+The U-Net learns to predict v (or the noise, PREDICTION) from noised first-stage latents
+(collected_latents/<FIRST_STAGE>_train.pt: the VQVAE's pre-quantisation latents, or the VAE's
+posterior means),
 standardised per channel with the train split's mean and std (the original min-max scaled per z
 and per element, which 48 brains cannot estimate). An exponential moving average of the weights
 is what gets evaluated and sampled. Each epoch: log, validate-split loss at fixed timesteps and
@@ -43,7 +44,7 @@ BETA_START = 1e-4            # linear beta schedule, as the original
 BETA_END = 0.02
 PREDICTION = "v"             # what the U-Net predicts: "v" (stable near t = T), or "eps", the noise (the original)
 LOSS = "mse"                 # "mse" (DDPM), or "l1" (the original)
-EPOCHS = 40                   # ~8 s each here
+EPOCHS = 40                  # ~8 s each here
 BATCH_SIZE = 32              # per process
 LR = 1e-3                    # the original: Adam 1e-3
 MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
@@ -93,26 +94,23 @@ def decode_latents(first_stage, latents, stats, z):
 @torch.no_grad()
 def evaluate(model, diffusion, latents, z, device, seed):
     """Mean diffusion loss over (normalised) latents, with timesteps and noise fixed by `seed`
-    so that epochs compare."""
-    model.eval()
+    so that epochs compare. `model` is the EMA U-Net, which stays in eval mode."""
     generator = torch.Generator(device).manual_seed(seed)
     total = 0.0
     for start in range(0, len(latents), 64):
         batch = latents[start:start + 64].to(device)
         total += diffusion.loss(model, batch, z[start:start + 64].to(device), LOSS, generator).item() * len(batch)
-    model.train()
     return total / len(latents)
 
 
 @torch.no_grad()
 def sample_volume(model, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS):
     """One volume: 32 slices, z = 0..31, sharing one noise trajectory (DDIM), decoded to images.
-    `stats`: the latent normalisation ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
-    model.eval()
+    `model`: an EMA U-Net in eval mode; `stats`: the latent normalisation ({"latent_shape",
+    "latent_mean", "latent_std", "x0_bound"})."""
     z = torch.arange(NUM_Z, device=device)
     latents = diffusion.sample_ddim(model, (NUM_Z,) + tuple(stats["latent_shape"]), z, steps,
                                     x0_bound=stats["x0_bound"], same_noise=True)
-    model.train()
     return decode_latents(first_stage, latents, stats, z)
 
 
@@ -142,7 +140,7 @@ if __name__ == "__main__":
                       channel_mults=tuple(CHANNEL_MULTS), num_res_blocks=RES_BLOCKS, attention=ATTENTION,
                       num_timesteps=NUM_TIMESTEPS, num_z_positions=NUM_Z if Z_CONDITIONING else None)
     unet = LatentUNet(**model_args).to(device)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()   # only evaluated and sampled
     diffusion = build_diffusion(config).to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=LR)
     train_loader = util.make_loader(torch.utils.data.TensorDataset(normalise(train_latents), train["z"]),

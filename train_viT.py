@@ -144,6 +144,14 @@ class CodePrior(nn.Module):
         return rearrange(torch.cat(codes, dim=1), "b (h w) -> b h w", h=self.grid_shape[0])
 
 
+def load_prior(path, device):
+    """A checkpoint of this script, rebuilt for sampling: (prior in eval mode, checkpoint)."""
+    checkpoint = util.load_checkpoint(path)
+    prior = CodePrior(**checkpoint["model_args"])
+    prior.load_state_dict(checkpoint["model"])
+    return prior.to(device).eval(), checkpoint
+
+
 def nats_per_code(logits, codes):
     """Mean cross-entropy of code grids (B, h, w) under logits (B, h*w, num_codes)."""
     return F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), rearrange(codes, "b h w -> b (h w)"))
@@ -266,12 +274,13 @@ if __name__ == "__main__":
         test_loader = util.make_loader(torch.utils.data.TensorDataset(test["indices"], test["z"]), 64, shuffle=False)
         sample_start = time.time()
         samples = save_samples(prior, first_stage, device, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
+        sample_seconds = time.time() - sample_start
         summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
                    "test_nats_per_code": evaluate(prior, test_loader, device),
                    "test_nats_per_code_histogram": histogram_nats_per_code(train["indices"], test["indices"],
                                                                            model_args["num_codes"]),
                    "uniform_nats_per_code": math.log(model_args["num_codes"]),
-                   "sample_seconds_32_slices": time.time() - sample_start,
+                   "sample_seconds_32_slices": sample_seconds,
                    "distinct_codes_in_samples": len(samples.unique()),
                    "train_seconds": train_seconds, "parameters": sum(p.numel() for p in prior.parameters()),
                    "device": str(device), "processes": world_size, "config": config}

@@ -15,9 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import util  # noqa: E402
 from stable_diffusion import load_diffusion  # noqa: E402
-from train_viT import CodePrior  # noqa: E402
+from train_viT import load_prior  # noqa: E402
 
 SAMPLES = 16
 
@@ -61,9 +60,7 @@ if __name__ == "__main__":
     for name, score in predict["nearest_test_slice_ssim"].items():
         print(f"  {name:22s} {score:.4f}")
 
-    checkpoint = util.load_checkpoint(os.path.join(ROOT, "model_ckpt", "vqvae_prior_best.pt"))
-    prior = CodePrior(**checkpoint["model_args"]).eval()
-    prior.load_state_dict(checkpoint["model"])
+    prior, _ = load_prior(os.path.join(ROOT, "model_ckpt", "vqvae_prior_best.pt"), "cpu")
     z = torch.arange(SAMPLES) % 32
     cached = timed(lambda: prior.sample(z))
     uncached = timed(lambda: sample_without_cache(prior, z))
