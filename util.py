@@ -70,6 +70,14 @@ def sinusoidal_embedding(positions, dim, max_period=10000.0):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+# ----------------------------------------------------------------------------- user errors
+class UserError(SystemExit):
+    """An expected mistake of the user's (a missing file, a wrong setting), raised with one
+    sentence that says what is wrong and which command or constant fixes it. Being a
+    SystemExit, it prints just that sentence and exits with status 1 when nothing catches it:
+    no traceback in front of the sentence that matters."""
+
+
 # ----------------------------------------------------------------------------- runtime
 def seed_everything(seed):
     """Seed Python, numpy and torch (all devices) so a CPU run repeats exactly."""
