@@ -4,6 +4,7 @@ import ast
 import math
 import os
 import random
+import shlex
 import sys
 import tempfile
 
@@ -166,22 +167,24 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, config=None, shape_keys=(), map_location="cpu"):
     """Load a checkpoint dict saved by save_checkpoint (weights_only=True: tensors and plain
     Python values only). With `config`, refuse a checkpoint whose stored config differs
-    from it in any of `shape_keys` (the constants that set tensor shapes)."""
+    from it in any of `shape_keys` (the constants that set tensor shapes). A missing, unreadable
+    or mismatched checkpoint is a UserError."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({error}); it is corrupt or "
-                           f"not a checkpoint of this project") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path} cannot be read ({first_line}); it is corrupt or "
+                        f"not a checkpoint of this project") from error
     if config is not None:
         stored = checkpoint.get("config", {})
         differing = [f"{key}: checkpoint {stored.get(key)!r}, script {config.get(key)!r}"
                      for key in shape_keys if stored.get(key) != config.get(key)]
         if differing:
-            raise ValueError(f"checkpoint {path} was made with another config, so its tensor "
+            raise UserError(f"checkpoint {path} was made with another config, so its tensor "
                              f"shapes do not fit this script's model:\n  " + "\n  ".join(differing)
-                             + "\nUse the same settings, or point the script elsewhere.")
+                            + "\nUse the same settings, or point the script elsewhere.")
     return checkpoint
 
 
@@ -208,63 +211,89 @@ def config_names(namespace):
             and isinstance(value, (int, float, bool, str, tuple, list, type(None)))]
 
 
-def _checked_value(name, default, value, source):
-    """`value` converted to the type of `default`, or a clear error naming the constant."""
+_TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple", list: "a list"}
+
+
+def _example(name, default, source):
+    """How to write the default of `name` where the bad value came from, as an example."""
+    if not source.startswith("argument"):
+        return f"{name} = {default!r}"
+    text = default if isinstance(default, str) else repr(default)
+    return f"--{name}={shlex.quote(text)}"
+
+
+def _checked_value(name, default, value, source, types):
+    """`value` converted to one of `types` (the default's type first), or a UserError naming the
+    constant, the type expected and an example."""
     if default is None:
         return value
-    if isinstance(default, float) and type(value) is int:
+    if float in types and type(value) is int:
         value = float(value)
-    if isinstance(default, tuple) and isinstance(value, list):
+    if tuple in types and isinstance(value, list):
         value = tuple(value)
     # bool is a subclass of int: compare exact types so True never passes for an int
-    if type(value) is not type(default):
-        raise TypeError(f"{source}: {name} must be a {type(default).__name__} like its default "
-                        f"{default!r}, got {value!r} ({type(value).__name__})")
+    if type(value) not in types:
+        raise UserError(f"{source}: {name} must be {' or '.join(_TYPE_WORDS[t] for t in types)}, "
+                        f"e.g. {_example(name, default, source)} (its default); got {value!r}")
     return value
 
 
-def _parse_literal(text, default):
-    """Parse a command-line value: a Python literal, or the raw text for string constants."""
+def _parse_literal(text, types):
+    """A command-line value: a Python literal, or the raw text ("--MODE=VAE"; always for a
+    string-only constant, so "--RUN_NAME=2" is "2"). Text that other constants cannot parse is
+    returned as is, for _checked_value to refuse with the type expected."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if isinstance(default, str) or default is None:
-            return text
-        raise
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+    return text if types == (str,) and not isinstance(value, str) else value
 
 
-def apply_overrides(namespace, argv=None):
+def check_positive_ints(config, names):
+    """Stop with a UserError naming the first of `names` whose value is not a positive integer."""
+    for name in names:
+        value = config[name]
+        if type(value) is not int or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def apply_overrides(namespace, argv=None, other_types=None):
     """Override a script's upper-case constants in place, nanoGPT style. Arguments are read
     left to right: `path/to/preset.py` executes a small config file of plain assignments,
-    `--NAME=value` sets one constant (a Python literal; bare text for strings). Unknown names
-    and values of the wrong type are errors. Returns the final {name: value} config."""
+    `--NAME=value` sets one constant (a Python literal; bare text for strings). A value must
+    have its default's type, or the type `other_types` ({name: type}) allows besides it (an int
+    or a tuple of per-level counts). Unknown names, values of the wrong type and unreadable
+    config files stop with a UserError. Returns the final {name: value} config."""
     argv = sys.argv[1:] if argv is None else argv
+    other_types = other_types or {}
     names = config_names(namespace)
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
-                raise SystemExit(f"argument {arg!r}: expected --NAME=value")
+                raise UserError(f"argument {arg!r}: expected --NAME=value")
             name, text = arg[2:].split("=", 1)
             updates, source = {name: text}, f"argument {arg!r}"
         else:
             if not os.path.isfile(arg):
-                raise SystemExit(f"config file {arg} does not exist (expected a .py file of "
-                                 f"NAME = value lines, or --NAME=value)")
+                raise UserError(f"config file {arg} does not exist (expected a .py file of "
+                                f"NAME = value lines, or --NAME=value)")
             assignments = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), {}, assignments)
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), {}, assignments)
+            except Exception as error:
+                raise UserError(f"config file {arg} cannot be run ({type(error).__name__}: {error}); "
+                                f"expected plain NAME = value lines") from error
             updates = {k: v for k, v in assignments.items() if not k.startswith("_")}
             source = f"config file {arg}"
         for name, value in updates.items():
             if name not in names:
-                raise SystemExit(f"{source}: unknown constant {name!r}; this script has: "
-                                 + ", ".join(sorted(names)))
+                raise UserError(f"{source}: unknown constant {name!r}; this script has: "
+                                + ", ".join(sorted(names)))
             default = namespace[name]
-            try:
-                if isinstance(value, str) and source.startswith("argument"):
-                    value = _parse_literal(value, default)
-                namespace[name] = _checked_value(name, default, value, source)
-            except (TypeError, ValueError, SyntaxError) as error:
-                raise SystemExit(str(error) if isinstance(error, TypeError) else
-                                 f"{source}: cannot parse the value for {name}: {error}")
+            types = (type(default),) + ((other_types[name],) if name in other_types else ())
+            if isinstance(value, str) and source.startswith("argument"):
+                value = _parse_literal(value, types)
+            namespace[name] = _checked_value(name, default, value, source, types)
     return {name: namespace[name] for name in names}

@@ -101,7 +101,7 @@ def test_checkpoint_round_trip_and_config_check(tmp_path):
     util.save_checkpoint({"model": model.state_dict(), "config": {"WIDTH": 3, "LR": 0.1}, "epoch": 4}, path)
     loaded = util.load_checkpoint(path, {"WIDTH": 3, "LR": 0.5}, shape_keys=("WIDTH",))
     assert loaded["epoch"] == 4 and torch.equal(loaded["model"]["weight"], model.weight)
-    with pytest.raises(ValueError, match="(?s)another config.*WIDTH: checkpoint 3, script 8"):
+    with pytest.raises(util.UserError, match="(?s)another config.*WIDTH: checkpoint 3, script 8"):
         util.load_checkpoint(path, {"WIDTH": 8, "LR": 0.1}, shape_keys=("WIDTH",))
 
 
@@ -123,13 +123,13 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_load_refuses_corrupt_missing_and_pickled_objects(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="corrupt.pt cannot be read"):
+    with pytest.raises(util.UserError, match="corrupt.pt cannot be read"):
         util.load_checkpoint(str(corrupt))
-    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+    with pytest.raises(util.UserError, match="missing.pt does not exist"):
         util.load_checkpoint(str(tmp_path / "missing.pt"))
     pickled = str(tmp_path / "module.pt")
     torch.save({"model": torch.nn.Linear(2, 2)}, pickled)   # a whole pickled module, as the original did
-    with pytest.raises(RuntimeError, match="module.pt cannot be read"):
+    with pytest.raises(util.UserError, match="module.pt cannot be read"):
         util.load_checkpoint(pickled)
 
 
@@ -148,18 +148,39 @@ def test_command_line_overrides_with_types():
     assert namespace["BATCH_SIZE"] == 8 and type(namespace["LR"]) is float
 
 
+def test_a_second_type_and_bare_text_for_strings():
+    def apply(*argv, other_types={"RES_BLOCKS": tuple, "SPLIT": str}):
+        return util.apply_overrides({"RES_BLOCKS": 1, "SPLIT": (0.8, 0.1, 0.1), "MODE": "VQVAE"}, list(argv),
+                                    other_types=other_types)
+    assert apply("--RES_BLOCKS=(1, 2)", "--SPLIT=test", "--MODE=2") == {"RES_BLOCKS": (1, 2), "SPLIT": "test",
+                                                                       "MODE": "2"}
+    assert apply("--RES_BLOCKS=3", "--SPLIT=[1, 0, 0]") == {"RES_BLOCKS": 3, "SPLIT": (1, 0, 0), "MODE": "VQVAE"}
+    with pytest.raises(util.UserError, match="RES_BLOCKS must be an integer or a tuple, e.g. --RES_BLOCKS=1"):
+        apply("--RES_BLOCKS=two")
+    with pytest.raises(util.UserError, match="RES_BLOCKS must be an integer, e.g. --RES_BLOCKS=1"):
+        apply("--RES_BLOCKS=(1, 2)", other_types={})
+
+
+def test_positive_int_check_names_the_constant():
+    util.check_positive_ints({"EPOCHS": 3, "BATCH_SIZE": 1}, ("EPOCHS", "BATCH_SIZE"))
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(util.UserError, match=f"^BATCH_SIZE must be a positive integer, got {bad!r}$"):
+            util.check_positive_ints({"EPOCHS": 3, "BATCH_SIZE": bad}, ("EPOCHS", "BATCH_SIZE"))
+
+
 @pytest.mark.parametrize("argument, message", [
     ("--BATCH=8", "unknown constant 'BATCH'"),
     ("--lower_case=1", "unknown constant 'lower_case'"),
-    ("--BATCH_SIZE=1.5", "BATCH_SIZE must be a int like its default 16, got 1.5"),
-    ("--BATCH_SIZE=True", "BATCH_SIZE must be a int"),
-    ("--USE_BF16=1", "USE_BF16 must be a bool"),
-    ("--LR=fast", "cannot parse the value for LR"),
+    ("--BATCH_SIZE=1.5", r"BATCH_SIZE must be an integer, e.g. --BATCH_SIZE=16 \(its default\); got 1.5$"),
+    ("--BATCH_SIZE=True", "BATCH_SIZE must be an integer"),
+    ("--USE_BF16=1", "USE_BF16 must be True or False, e.g. --USE_BF16=False"),
+    ("--LR=fast", "LR must be a number, e.g. --LR=0.0002 .*; got 'fast'$"),
+    ("--CHANNEL_MULTS=(1, 2", r"CHANNEL_MULTS must be a tuple, e.g. --CHANNEL_MULTS='\(1, 2, 2\)'"),
     ("--LR", "expected --NAME=value"),
     ("missing_preset.py", "config file missing_preset.py does not exist"),
 ])
 def test_bad_overrides_are_clear_errors(argument, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(util.UserError, match=message):
         util.apply_overrides(script_constants(), [argument])
 
 
@@ -170,10 +191,13 @@ def test_config_file_then_command_line(tmp_path):
     config = util.apply_overrides(namespace, [str(preset), "--BATCH_SIZE=32"])
     assert config["BATCH_SIZE"] == 32 and config["CHANNEL_MULTS"] == (1, 1, 2, 2, 4)
     preset.write_text("BACTH_SIZE = 64\n")
-    with pytest.raises(SystemExit, match="gpu.py: unknown constant 'BACTH_SIZE'"):
+    with pytest.raises(util.UserError, match="gpu.py: unknown constant 'BACTH_SIZE'"):
         util.apply_overrides(script_constants(), [str(preset)])
     preset.write_text("LR = '1e-3'\n")
-    with pytest.raises(SystemExit, match="gpu.py: LR must be a float"):
+    with pytest.raises(util.UserError, match=r"gpu.py: LR must be a number, e.g. LR = 0.0002 \(its default\); got '1e-3'"):
+        util.apply_overrides(script_constants(), [str(preset)])
+    preset.write_text("LR = 1e-3 +\n")
+    with pytest.raises(util.UserError, match="config file .*gpu.py cannot be run .*SyntaxError.*NAME = value lines"):
         util.apply_overrides(script_constants(), [str(preset)])
 
 
