@@ -84,7 +84,7 @@ def test_resumed_run_equals_uninterrupted_run(demo_dir, tmp_path, monkeypatch):
 
 def test_checkpoint_from_another_config_is_refused(demo_dir, tmp_path, monkeypatch):
     run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=1"))
-    with pytest.raises(ValueError, match="(?s)another config.*BASE_CHANNELS: checkpoint 16, script 8"):
+    with pytest.raises(util.UserError, match="(?s)another config.*BASE_CHANNELS: checkpoint 16, script 8"):
         run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=2", "--BASE_CHANNELS=8"))
 
 
