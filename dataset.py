@@ -2,7 +2,7 @@
 
 `python dataset.py` builds the demo brains if needed (or reads DATA_DIR), prints a summary and
 renders a grid to visualize/. `--NIFTI_FILES='scans/*.nii.gz'` converts your own NIfTI volumes
-to the same layout instead.
+to the same layout instead (`--NIFTI_SPLIT=test` puts them all in the test split).
 
 The demo brains are template-derived demo data, NOT OASIS: pseudo-brains made from the
 skull-stripped MNI152 2009a T1 template that ships inside the nilearn package, each with its
@@ -30,9 +30,11 @@ DEMO_BRAINS = (48, 8, 8)   # pseudo-brains in train / validate / test (32 slices
 DEMO_SEED = 0              # the demo set is a pure function of this seed and DEMO_BRAINS
 NIFTI_FILES = ""           # glob or comma-separated NIfTI paths to convert (one brain each)
 NIFTI_OUT_DIR = "nifti_slices"  # where converted NIfTI volumes go
-NIFTI_SPLIT = (0.8, 0.1, 0.1)   # share of converted volumes in train / validate / test
+NIFTI_SPLIT = (0.8, 0.1, 0.1)   # shares of the converted volumes in train / validate / test, or one split
+                                # name ("test") that gets every volume, e.g. to score a scan or two
 
 SLICES_PER_BRAIN = 32
+NIFTI_LISTED = 8           # the summary lists the sources of up to this many converted volumes
 PNG_SIZE = 256
 SPLITS = ("train", "validate", "test")
 MODES = {"train": ("train",), "validate": ("validate",), "test": ("test",),
@@ -57,22 +59,30 @@ def seg_folder(data_dir, split):
 
 
 # ----------------------------------------------------------------------------- loader
+def present_splits(data_dir):
+    """The splits whose image folder exists in `data_dir` (a NIfTI conversion may fill only one)."""
+    return [split for split in SPLITS if os.path.isdir(image_folder(data_dir, split))]
+
+
 def _list_slices(folder, pattern):
     """{(brain, z): path} of the files in `folder` whose names match `pattern`."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data folder {folder} does not exist;\n{EXPECTED_LAYOUT}")
+        parent = os.path.dirname(folder)
+        present = present_splits(parent) if os.path.isdir(parent) else []
+        has = f"; {parent} has only the {' and '.join(present)} split" if present else ""
+        raise util.UserError(f"data folder {folder} does not exist{has};\n{EXPECTED_LAYOUT}")
     slices = {}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".png"):
             continue
         match = pattern.match(name)
         if match is None:
-            raise ValueError(f"cannot parse brain id and z-index from {os.path.join(folder, name)}:"
-                             f" expected a name like {pattern.pattern}")
+            raise util.UserError(f"cannot parse brain id and z-index from {os.path.join(folder, name)}:"
+                                 f" expected a name like {pattern.pattern}")
         slices[int(match[1]), int(match[2])] = os.path.join(folder, name)
     if not slices:
-        raise FileNotFoundError(f"no slice PNGs in {folder} (names like {pattern.pattern});\n"
-                                f"{EXPECTED_LAYOUT}")
+        raise util.UserError(f"no slice PNGs in {folder} (names like {pattern.pattern});\n"
+                             f"{EXPECTED_LAYOUT}")
     return slices
 
 
@@ -83,9 +93,9 @@ def _read_png(path, img_size, resample):
             image.load()
             image = image.convert("L")
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error} (corrupt or not a PNG)") from error
+        raise util.UserError(f"cannot read image {path}: {error} (corrupt or not a PNG)") from error
     if image.size[0] != image.size[1]:
-        raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]}; expected square slices")
+        raise util.UserError(f"image {path} is {image.size[0]}x{image.size[1]}; expected square slices")
     original_size = image.size
     if image.size != (img_size, img_size):
         image = image.resize((img_size, img_size), resample)
@@ -100,7 +110,7 @@ class OasisSlices(Dataset):
 
     def __init__(self, mode, data_dir=None, img_size=IMG_SIZE):
         if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+            raise util.UserError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.data_dir = resolve_data_dir(data_dir)
         self.img_size = img_size
         image_paths, seg_paths = {}, {}
@@ -109,16 +119,16 @@ class OasisSlices(Dataset):
             images = _list_slices(image_folder(self.data_dir, split), IMAGE_NAME)
             clash = images.keys() & image_paths.keys()
             if clash:
-                raise ValueError(f"brain {min(clash)[0]} appears in more than one split folder "
-                                 f"of {self.data_dir}; splits must hold different brains")
+                raise util.UserError(f"brain {min(clash)[0]} appears in more than one split folder "
+                                     f"of {self.data_dir}; splits must hold different brains")
             image_paths.update(images)
             if has_seg:
                 segs = _list_slices(seg_folder(self.data_dir, split), SEG_NAME)
                 if segs.keys() != images.keys():
                     unpaired = sorted(segs.keys() ^ images.keys())[:5]
-                    raise ValueError(f"seg files in {seg_folder(self.data_dir, split)} do not pair "
-                                     f"with images in {image_folder(self.data_dir, split)}: "
-                                     f"(brain, z) without a partner: {unpaired}")
+                    raise util.UserError(f"seg files in {seg_folder(self.data_dir, split)} do not pair "
+                                         f"with images in {image_folder(self.data_dir, split)}: "
+                                         f"(brain, z) without a partner: {unpaired}")
                 seg_paths.update(segs)
         self.keys = sorted(image_paths)
         self.brains = np.array([brain for brain, _ in self.keys])
@@ -138,8 +148,8 @@ class OasisSlices(Dataset):
             if first_size is None:
                 first_path, first_size = paths[key], size
             elif size != first_size:
-                raise ValueError(f"image {paths[key]} is {size[0]}x{size[1]} but {first_path} is "
-                                 f"{first_size[0]}x{first_size[1]}; all slices must share one size")
+                raise util.UserError(f"image {paths[key]} is {size[0]}x{size[1]} but {first_path} is "
+                                     f"{first_size[0]}x{first_size[1]}; all slices must share one size")
         return array
 
     def __len__(self):
@@ -176,7 +186,7 @@ def template_path(kind):
     path = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
                         f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"the nilearn package has no {path}; reinstall requirements.txt")
+        raise util.UserError(f"the nilearn package has no {path}; reinstall requirements.txt")
     return path
 
 
@@ -188,9 +198,11 @@ def load_volume(path, tissue_paths=()):
         image = nibabel.as_closest_canonical(nibabel.load(path))
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:
-        raise ValueError(f"cannot read NIfTI volume {path}: {error}") from error
+        raise util.UserError(f"cannot read NIfTI volume {path}: {error}") from error
     if data.ndim != 3:
-        raise ValueError(f"NIfTI volume {path} has shape {data.shape}; expected one 3-D volume")
+        raise util.UserError(f"NIfTI volume {path} has shape {data.shape}; expected one 3-D volume")
+    if not (data > 0).any():
+        raise util.UserError(f"NIfTI volume {path} has no voxel above 0; expected a skull-stripped brain")
     # robust scale: the 99.9th percentile of the brain maps to 0.9, the background stays 0
     data = np.clip(0.9 * data / np.percentile(data[data > 0], 99.9), 0, 1)
     tissue = [np.asarray(nibabel.as_closest_canonical(nibabel.load(p)).dataobj, dtype=np.float32)
@@ -281,8 +293,12 @@ def _write_brain(out_dir, split, brain_id, slices, labels):
 
 def _write_dataset(out_dir, brains, info):
     """Write (split, brain_id, volume, rng) brains into a temporary folder and rename it to
-    `out_dir` at the end, so an interrupted build never looks finished."""
+    `out_dir` at the end, so an interrupted build never looks finished. An existing `out_dir`
+    is replaced only when this function wrote it (it holds dataset_info.json)."""
     from tqdm import tqdm
+    if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
+        raise util.UserError(f"{out_dir} exists and was not written by dataset.py (no dataset_info.json); "
+                             f"choose a new folder (NIFTI_OUT_DIR) rather than overwrite it")
     partial = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     for split, brain_id, volume, rng in tqdm(brains, desc=f"building {out_dir}", unit="brain"):
@@ -311,16 +327,39 @@ def build_demo_brains(out_dir, brains_per_split, seed):
     return _write_dataset(out_dir, brains, info)
 
 
-def convert_nifti(paths, out_dir, split_shares=NIFTI_SPLIT):
-    """Your NIfTI volumes (sorted by path) to the OASIS layout, one brain each, no augmentation;
-    volume i goes to the split whose cumulative share first exceeds (i + 0.5) / n."""
+def find_nifti(patterns):
+    """The files NIFTI_FILES names: comma-separated globs or paths."""
+    paths = [p for pattern in patterns.split(",") for p in sorted(glob.glob(pattern.strip()))]
     if not paths:
-        raise FileNotFoundError("NIFTI_FILES matched no files")
+        raise util.UserError(f"NIFTI_FILES {patterns!r} matched no files; give NIfTI paths or globs, "
+                             f"comma-separated, e.g. --NIFTI_FILES='scans/*.nii.gz'")
+    return paths
+
+
+def nifti_splits(count, split):
+    """The split of each of `count` volumes: all in `split` when it names one; with shares
+    (train, validate, test), volume i goes to the split whose cumulative share first exceeds
+    (i + 0.5) / count."""
+    if isinstance(split, str):
+        if split not in SPLITS:
+            raise util.UserError(f"NIFTI_SPLIT must be one of {', '.join(SPLITS)} or three shares like "
+                                 f"(0.8, 0.1, 0.1), got {split!r}")
+        return [split] * count
+    if len(split) != 3 or not all(isinstance(s, (int, float)) and s >= 0 for s in split) or sum(split) <= 0:
+        raise util.UserError(f"NIFTI_SPLIT must be three shares (train, validate, test) >= 0 with a positive "
+                             f"sum, e.g. (0.8, 0.1, 0.1), or one split name like 'test'; got {split!r}")
+    bounds = np.cumsum(split) / np.sum(split)
+    return [SPLITS[int(np.searchsorted(bounds, (i + 0.5) / count))] for i in range(count)]
+
+
+def convert_nifti(paths, out_dir, split=NIFTI_SPLIT):
+    """Your NIfTI volumes (sorted by path) to the OASIS layout, one brain each, no augmentation,
+    into the splits nifti_splits gives (a split name puts them all there)."""
     paths = sorted(paths)
-    bounds = np.cumsum(split_shares) / np.sum(split_shares)
-    brains = [(SPLITS[int(np.searchsorted(bounds, (i + 0.5) / len(paths)))], i + 1,
-               load_volume(path), None) for i, path in enumerate(paths)]
-    info = {"kind": "converted NIfTI volumes", "sources": {i + 1: p for i, p in enumerate(paths)}}
+    splits = nifti_splits(len(paths), split)
+    brains = [(splits[i], i + 1, load_volume(path), None) for i, path in enumerate(paths)]
+    info = {"kind": "converted NIfTI volumes",
+            "sources": {i + 1: {"path": path, "split": splits[i]} for i, path in enumerate(paths)}}
     return _write_dataset(out_dir, brains, info)
 
 
@@ -331,16 +370,30 @@ def resolve_data_dir(data_dir=None):
         if not os.path.isdir(data_dir):
             build_demo_brains(data_dir, DEMO_BRAINS, DEMO_SEED)
     elif not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"DATA_DIR {data_dir} does not exist;\n{EXPECTED_LAYOUT}")
+        raise util.UserError(f"DATA_DIR {data_dir} does not exist;\n{EXPECTED_LAYOUT}")
     return data_dir
 
 
 def summarise(data_dir, img_size, grid_path):
-    """Print what each split holds and save a grid: one test brain's 32 slices (4 x 8)."""
+    """Print what each split holds (an empty split says so; a NIfTI conversion lists its
+    volumes) and save a grid: the 32 slices (4 x 8) of the first test brain, or of the first
+    brain of another split when test is empty."""
     data_dir = resolve_data_dir(data_dir)
-    print(f"data: {data_dir}")
+    present = present_splits(data_dir)
+    if not present:
+        raise util.UserError(f"{data_dir} holds none of the split folders;\n{EXPECTED_LAYOUT}")
+    info_path = os.path.join(data_dir, "dataset_info.json")
+    info = {}
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+    print(f"data: {os.path.abspath(data_dir)}" + (f" ({info['kind']})" if "kind" in info else ""))
+    loaded = {}
     for split in SPLITS:
-        data = OasisSlices(split, data_dir, img_size)
+        if split not in present:
+            print(f"  {split:9s} empty: no {os.path.basename(image_folder(data_dir, split))} folder")
+            continue
+        data = loaded[split] = OasisSlices(split, data_dir, img_size)
         brain_mask = data.images > 0
         line = (f"  {split:9s} {len(data):5d} slices  {len(set(data.brains)):3d} brains  "
                 f"z {data.zs.min()}..{data.zs.max()}  brain area {brain_mask.mean():.0%}  "
@@ -349,16 +402,22 @@ def summarise(data_dir, img_size, grid_path):
             shares = np.bincount(data.segs[brain_mask], minlength=4)[1:] / brain_mask.sum()
             line += "  CSF/GM/WM {:.0%}/{:.0%}/{:.0%}".format(*shares)
         print(line)
+    sources = info.get("sources", {})
+    for brain, source in list(sources.items())[:NIFTI_LISTED]:
+        print(f"  brain {brain} in {source['split']}: {source['path']}")
+    if len(sources) > NIFTI_LISTED:
+        print(f"  ... {len(sources) - NIFTI_LISTED} more volumes: see {info_path}")
+    shown = "test" if "test" in present else present[0]
+    data = loaded[shown]
     first_brain = [data[i][0] for i in range(len(data)) if data.brains[i] == data.brains[0]]
     util.save_image_grid(torch.stack(first_brain), grid_path, nrow=8)
-    print(f"grid of test brain {data.brains[0]}: {grid_path}")
+    print(f"grid of {shown} brain {data.brains[0]}: {grid_path}")
 
 
 if __name__ == "__main__":
-    util.apply_overrides(globals())
+    util.apply_overrides(globals(), other_types={"NIFTI_SPLIT": str})
     start = time.time()
     if NIFTI_FILES:
-        paths = [p for pattern in NIFTI_FILES.split(",") for p in sorted(glob.glob(pattern.strip()))]
-        DATA_DIR = convert_nifti(paths, NIFTI_OUT_DIR, NIFTI_SPLIT)
+        DATA_DIR = convert_nifti(find_nifti(NIFTI_FILES), NIFTI_OUT_DIR, NIFTI_SPLIT)
     summarise(DATA_DIR, IMG_SIZE, os.path.join("visualize", "dataset_grid.png"))
     print(f"done in {time.time() - start:.1f} s")

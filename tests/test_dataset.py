@@ -1,4 +1,7 @@
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -6,7 +9,10 @@ import torch
 from PIL import Image
 
 import dataset
+import util
 from conftest import write_png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- loader on a fabricated folder
@@ -26,7 +32,7 @@ def test_loader_orders_by_brain_then_z_and_scales_to_minus_one_one(oasis_dir):
 def test_modes_combine_splits(oasis_dir):
     sizes = {mode: len(dataset.OasisSlices(mode, str(oasis_dir), 32)) for mode in dataset.MODES}
     assert sizes == {"train": 24, "validate": 12, "test": 12, "train_and_validate": 36, "all": 48}
-    with pytest.raises(ValueError, match="mode 'training' is not one of"):
+    with pytest.raises(util.UserError, match="mode 'training' is not one of"):
         dataset.OasisSlices("training", str(oasis_dir), 32)
 
 
@@ -62,52 +68,52 @@ def test_seg_is_none_without_seg_folders(oasis_dir):
 
 # ----------------------------------------------------------------------------- clear errors
 def test_missing_data_dir_prints_expected_layout(tmp_path):
-    with pytest.raises(FileNotFoundError, match="(?s)nowhere.*keras_png_slices_train/case_402"):
+    with pytest.raises(util.UserError, match="(?s)nowhere.*keras_png_slices_train/case_402"):
         dataset.OasisSlices("train", str(tmp_path / "nowhere"), 32)
 
 
 def test_missing_split_folder_is_named(oasis_dir):
     os.rename(oasis_dir / "keras_png_slices_test", oasis_dir / "elsewhere")
-    with pytest.raises(FileNotFoundError, match="keras_png_slices_test does not exist"):
+    with pytest.raises(util.UserError, match="keras_png_slices_test does not exist"):
         dataset.OasisSlices("test", str(oasis_dir), 32)
 
 
 def test_folder_without_matching_files(tmp_path):
     os.makedirs(tmp_path / "keras_png_slices_train")
     (tmp_path / "keras_png_slices_train" / "notes.txt").write_text("no images here")
-    with pytest.raises(FileNotFoundError, match="no slice PNGs in .*keras_png_slices_train"):
+    with pytest.raises(util.UserError, match="no slice PNGs in .*keras_png_slices_train"):
         dataset.OasisSlices("train", str(tmp_path), 32)
 
 
 def test_corrupt_png_is_named(oasis_dir):
     bad = oasis_dir / "keras_png_slices_test" / "case_7_slice_4.nii.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    with pytest.raises(ValueError, match="cannot read image .*case_7_slice_4.nii.png"):
+    with pytest.raises(util.UserError, match="cannot read image .*case_7_slice_4.nii.png"):
         dataset.OasisSlices("test", str(oasis_dir), 32)
 
 
 def test_unparseable_name_is_named(oasis_dir):
     write_png(str(oasis_dir / "keras_png_slices_test" / "case_7_z_4.png"), np.zeros((32, 32)))
-    with pytest.raises(ValueError, match="cannot parse brain id and z-index from .*case_7_z_4.png"):
+    with pytest.raises(util.UserError, match="cannot parse brain id and z-index from .*case_7_z_4.png"):
         dataset.OasisSlices("test", str(oasis_dir), 32)
 
 
 def test_mixed_image_sizes_name_both_files(oasis_dir):
     write_png(str(oasis_dir / "keras_png_slices_test" / "case_7_slice_9.nii.png"), np.zeros((48, 48)))
-    with pytest.raises(ValueError, match="case_7_slice_9.nii.png is 48x48 but .*case_7_slice_0.nii.png is 32x32"):
+    with pytest.raises(util.UserError, match="case_7_slice_9.nii.png is 48x48 but .*case_7_slice_0.nii.png is 32x32"):
         dataset.OasisSlices("test", str(oasis_dir), 32)
 
 
 def test_seg_files_that_do_not_pair(oasis_dir):
     os.remove(oasis_dir / "keras_png_slices_seg_validate" / "seg_5_slice_3.nii.png")
-    with pytest.raises(ValueError, match=r"do not pair .*\[\(5, 3\)\]"):
+    with pytest.raises(util.UserError, match=r"do not pair .*\[\(5, 3\)\]"):
         dataset.OasisSlices("validate", str(oasis_dir), 32)
 
 
 def test_brain_in_two_splits(oasis_dir):
     write_png(str(oasis_dir / "keras_png_slices_validate" / "case_3_slice_0.nii.png"), np.zeros((32, 32)))
     write_png(str(oasis_dir / "keras_png_slices_seg_validate" / "seg_3_slice_0.nii.png"), np.zeros((32, 32)))
-    with pytest.raises(ValueError, match="brain 3 appears in more than one split"):
+    with pytest.raises(util.UserError, match="brain 3 appears in more than one split"):
         dataset.OasisSlices("train_and_validate", str(oasis_dir), 32)
 
 
@@ -140,17 +146,84 @@ def test_demo_brains_are_deterministic_and_distinct(demo_dir, tmp_path):
     assert not os.path.exists(str(tmp_path / "again") + ".partial")
 
 
-def test_convert_nifti_volumes_to_oasis_layout(tmp_path):
+def write_small_volume(path, data=None):
+    """A NIfTI file at `path`: the MNI152 template at 2 mm (a real skull-stripped T1), or `data`
+    on the same grid."""
     import nibabel
     template = nibabel.load(dataset.template_path("t1"))
-    small = nibabel.Nifti1Image(np.asarray(template.dataobj)[::2, ::2, ::2].astype(np.float32),
-                                template.affine @ np.diag([2, 2, 2, 1]))
-    paths = []
-    for i in range(3):
-        paths.append(str(tmp_path / f"scan{i}.nii.gz"))
-        nibabel.save(small, paths[-1])
+    small = np.asarray(template.dataobj)[::2, ::2, ::2].astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(small if data is None else data(small), template.affine @ np.diag([2, 2, 2, 1])),
+                 str(path))
+    return str(path)
+
+
+def test_convert_nifti_volumes_to_oasis_layout(tmp_path):
+    paths = [write_small_volume(tmp_path / f"scan{i}.nii.gz") for i in range(3)]
     out = dataset.convert_nifti(paths, str(tmp_path / "converted"), (1, 1, 1))
     for split in dataset.SPLITS:
         data = dataset.OasisSlices(split, out, 64)
         assert len(data) == 32 and data.segs is None
         assert data.images[:, 0].max() == 0 and data.images.max() > 200
+
+
+def test_one_volume_into_the_named_split_from_the_command_line(tmp_path):
+    scan = write_small_volume(tmp_path / "one_scan.nii.gz")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dataset.py"), f"--NIFTI_FILES={scan}",
+                             "--NIFTI_OUT_DIR=my_scan", "--NIFTI_SPLIT=test"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"data: {tmp_path / 'my_scan'} (converted NIfTI volumes)" in out
+    assert re.search(r"^  train +empty: no keras_png_slices_train folder$", out, re.M)
+    assert re.search(r"^  validate +empty: no keras_png_slices_validate folder$", out, re.M)
+    assert re.search(r"^  test +32 slices +1 brains +z 0\.\.31 ", out, re.M)
+    assert f"brain 1 in test: {scan}" in out and "grid of test brain 1: visualize/dataset_grid.png" in out
+    assert sorted(os.listdir(tmp_path / "my_scan")) == ["dataset_info.json", "keras_png_slices_test"]
+    assert (tmp_path / "visualize" / "dataset_grid.png").exists()
+    assert len(dataset.OasisSlices("test", str(tmp_path / "my_scan"), 64)) == 32
+    # a split that is asked for and missing is still a clear error
+    with pytest.raises(util.UserError, match="keras_png_slices_train does not exist; .*my_scan has only the test split"):
+        dataset.OasisSlices("train", str(tmp_path / "my_scan"), 64)
+
+
+def test_one_volume_by_default_shares_goes_to_train_and_the_summary_copes(tmp_path, capsys):
+    out = dataset.convert_nifti([write_small_volume(tmp_path / "scan.nii.gz")], str(tmp_path / "converted"))
+    dataset.summarise(out, 64, str(tmp_path / "grid.png"))
+    printed = capsys.readouterr().out
+    assert re.search(r"^  train +32 slices +1 brains", printed, re.M)
+    assert re.search(r"^  test +empty", printed, re.M) and "grid of train brain 1" in printed
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_nifti_splits_by_share_or_by_name():
+    assert dataset.nifti_splits(10, (0.8, 0.1, 0.1)) == ["train"] * 8 + ["validate", "test"]
+    assert dataset.nifti_splits(2, (0, 0, 1)) == ["test", "test"]
+    assert dataset.nifti_splits(3, "validate") == ["validate"] * 3
+    for bad in ("testing", (1, 2), (1, -1, 1), (0, 0, 0)):
+        with pytest.raises(util.UserError, match="^NIFTI_SPLIT must be"):
+            dataset.nifti_splits(1, bad)
+
+
+def test_nifti_errors_name_the_file_or_folder(tmp_path):
+    with pytest.raises(util.UserError, match=r"NIFTI_FILES '.*nothing/\*.nii.gz' matched no files"):
+        dataset.find_nifti(str(tmp_path / "nothing/*.nii.gz"))
+    empty = write_small_volume(tmp_path / "empty.nii.gz", data=np.zeros_like)
+    with pytest.raises(util.UserError, match="empty.nii.gz has no voxel above 0"):
+        dataset.convert_nifti([empty], str(tmp_path / "out"))
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    with pytest.raises(util.UserError, match="cannot read NIfTI volume .*broken.nii.gz"):
+        dataset.convert_nifti([str(broken)], str(tmp_path / "out"))
+
+
+def test_conversion_replaces_its_own_folder_but_no_other(tmp_path):
+    scan = write_small_volume(tmp_path / "scan.nii.gz")
+    out = str(tmp_path / "converted")
+    dataset.convert_nifti([scan], out, "test")
+    dataset.convert_nifti([scan], out, "validate")
+    assert dataset.present_splits(out) == ["validate"]
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(util.UserError, match="precious exists and was not written by dataset.py"):
+        dataset.convert_nifti([scan], str(tmp_path / "precious"), "test")
+    assert os.listdir(tmp_path / "precious") == ["notes.txt"]
