@@ -34,8 +34,11 @@ def load_first_stage(path, device):
     The second-stage scripts pass the path stored with the latents, so they decode with the very
     model that encoded them."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"first-stage checkpoint {path} does not exist; train it first "
-                                f"(python pre_train.py) or set FIRST_STAGE / CKPT_DIR")
+        run = os.path.basename(path).removesuffix("_best.pt")
+        command = {"vqvae": "python pre_train.py", "vae": "python pre_train.py --MODE=VAE"}.get(
+            run, f"python pre_train.py --RUN_NAME={run}")
+        raise util.UserError(f"first-stage checkpoint {path} does not exist; train it first ({command}) "
+                             f"or set FIRST_STAGE / CKPT_DIR")
     checkpoint = util.load_checkpoint(path)
     model = build_model(checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
@@ -50,8 +53,8 @@ def load_latents(latent_dir, run, split):
     """A file written by this script, with a clear error when it is missing."""
     path = latent_path(latent_dir, run, split)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"collected latents {path} do not exist; run "
-                                f"python latent_dataset.py --FIRST_STAGE={run} first")
+        raise util.UserError(f"collected latents {path} do not exist; run "
+                             f"python latent_dataset.py --FIRST_STAGE={run} first")
     return util.load_checkpoint(path)
 
 

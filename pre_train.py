@@ -74,8 +74,32 @@ SHAPE_KEYS = ("MODE", "IMG_SIZE", "Z_CONDITIONING", "PATCH_SIZE", "BASE_CHANNELS
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
+def check_model_config(config):
+    """Stop with the rule a first-stage shape constant breaks, before any tensor meets it."""
+    if config["MODE"] not in ("VQVAE", "VAE"):
+        raise util.UserError(f"MODE must be 'VQVAE' or 'VAE', got {config['MODE']!r}")
+    util.check_positive_ints(config, ("IMG_SIZE", "PATCH_SIZE", "BASE_CHANNELS", "NUM_CODES", "CODE_DIM",
+                                      "LATENT_CHANNELS"))
+    mults = util.checked_channel_mults(config)
+    for name in ("ENCODER_RES_BLOCKS", "DECODER_RES_BLOCKS"):
+        counts = config[name]
+        per_level = counts if isinstance(counts, tuple) else (counts,) * len(mults)
+        if len(per_level) != len(mults) or not all(type(c) is int and c >= 0 for c in per_level):
+            raise util.UserError(f"{name} must be an integer >= 0 or a tuple of one per level ({len(mults)}, "
+                                 f"as in CHANNEL_MULTS), e.g. {(1,) * len(mults)}; got {counts!r}")
+    factor = config["PATCH_SIZE"] * 2 ** (len(mults) - 1)
+    if config["IMG_SIZE"] % factor:
+        below = config["IMG_SIZE"] // factor * factor
+        example = f"{below} or {below + factor}" if below else f"{factor}"
+        raise util.UserError(f"IMG_SIZE must be a multiple of PATCH_SIZE x 2^(len(CHANNEL_MULTS) - 1) = "
+                             f"{config['PATCH_SIZE']} x 2^{len(mults) - 1} = {factor}, the factor the encoder "
+                             f"shrinks images by, e.g. {example}; got {config['IMG_SIZE']}")
+
+
 def build_model(config):
-    """The first-stage model a config describes (used again by the second-stage scripts)."""
+    """The first-stage model a config describes (used again by the second-stage scripts),
+    after check_model_config."""
+    check_model_config(config)
     common = dict(base_channels=config["BASE_CHANNELS"], channel_mults=tuple(config["CHANNEL_MULTS"]),
                   num_res_blocks_encoder=config["ENCODER_RES_BLOCKS"],
                   num_res_blocks_decoder=config["DECODER_RES_BLOCKS"],
@@ -83,13 +107,18 @@ def build_model(config):
                   num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None)
     if config["MODE"] == "VQVAE":
         return VQVAE(num_codes=config["NUM_CODES"], code_dim=config["CODE_DIM"], **common)
-    if config["MODE"] == "VAE":
-        return VAE(latent_channels=config["LATENT_CHANNELS"], **common)
-    raise SystemExit(f"MODE must be 'VQVAE' or 'VAE', got {config['MODE']!r}")
+    return VAE(latent_channels=config["LATENT_CHANNELS"], **common)
 
 
 def build_discriminator(config):
-    """The z-conditioned PatchGAN a config describes."""
+    """The z-conditioned PatchGAN a config describes. Each of its DISC_LAYERS stride-2 convs
+    halves the image and its last two 4x4 convs take a pixel each, so it needs
+    IMG_SIZE >= 3 x 2^DISC_LAYERS."""
+    util.check_positive_ints(config, ("DISC_CHANNELS", "DISC_LAYERS"))
+    if config["IMG_SIZE"] < 3 * 2 ** config["DISC_LAYERS"]:
+        raise util.UserError(f"IMG_SIZE must be at least 3 x 2^DISC_LAYERS = {3 * 2 ** config['DISC_LAYERS']} "
+                             f"for the PatchGAN's {config['DISC_LAYERS']} stride-2 layers; got {config['IMG_SIZE']}: "
+                             f"lower DISC_LAYERS or raise IMG_SIZE")
     return PatchDiscriminator(in_channels=1, base_channels=config["DISC_CHANNELS"], num_layers=config["DISC_LAYERS"],
                               num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None,
                               use_attention=config["DISC_ATTENTION"])
@@ -150,13 +179,18 @@ def save_grids(model, loader, code_histogram, device, epoch):
 
 
 if __name__ == "__main__":
-    config = util.apply_overrides(globals())
+    config = util.apply_overrides(globals(), other_types={"ENCODER_RES_BLOCKS": tuple, "DECODER_RES_BLOCKS": tuple})
+    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "KL_CYCLE_STEPS"))
+    if TRAIN_SPLIT not in dataset.TRAINING_MODES:
+        raise util.UserError(f"TRAIN_SPLIT must be one of {', '.join(dataset.TRAINING_MODES)}, got {TRAIN_SPLIT!r}")
     run_name = RUN_NAME or MODE.lower()
     device = util.setup_distributed()
     world_size, rank = util.world_size_and_rank()
     is_main = rank == 0
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     util.seed_everything(SEED)
+    model = build_model(config).to(device)        # checks the shape constants before the data loads
+    discriminator = build_discriminator(config).to(device)
     if device.type == "cuda":   # bf16 mixed precision where the GPU has it (no loss scaling needed)
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     else:
@@ -167,8 +201,6 @@ if __name__ == "__main__":
 
     train_loader = dataset.get_dataloader(TRAIN_SPLIT, BATCH_SIZE, DATA_DIR, IMG_SIZE, seed=SEED)
     validate_loader = dataset.get_dataloader("validate", 32, DATA_DIR, IMG_SIZE)
-    model = build_model(config).to(device)
-    discriminator = build_discriminator(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS)
     disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS)
     latent_grid = model.latent_shape(IMG_SIZE)[1:]

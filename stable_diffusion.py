@@ -69,8 +69,35 @@ def diffusion_latents(collected):
     return latents if collected["indices"] is not None else latents[:, :latents.shape[1] // 2]
 
 
+def unet_args(config, latent_shape):
+    """LatentUNet's arguments for a config and the first stage's latents (C, h, w), after checking
+    the rules the constants must follow: the U-Net halves the latent grid at each of its
+    len(CHANNEL_MULTS) - 1 downsamplings and must restore it exactly for the skips."""
+    util.check_positive_ints(config, ("BASE_CHANNELS",))
+    mults = util.checked_channel_mults(config)
+    if type(config["RES_BLOCKS"]) is not int or config["RES_BLOCKS"] < 0:
+        raise util.UserError(f"RES_BLOCKS must be an integer >= 0, got {config['RES_BLOCKS']!r}")
+    factor = 2 ** (len(mults) - 1)
+    channels, height, width = latent_shape
+    if height % factor or width % factor:
+        most = next(levels for levels in range(len(mults), 0, -1) if height % 2 ** (levels - 1) == 0
+                    and width % 2 ** (levels - 1) == 0)
+        raise util.UserError(f"CHANNEL_MULTS has {len(mults)} levels, so the U-Net needs latents whose sides are a "
+                             f"multiple of 2^(len(CHANNEL_MULTS) - 1) = {factor}; the first stage's are "
+                             f"{height}x{width}: use at most {most} levels, e.g. {tuple(mults[:most])}")
+    return dict(in_channels=channels, base_channels=config["BASE_CHANNELS"], channel_mults=tuple(mults),
+                num_res_blocks=config["RES_BLOCKS"], attention=config["ATTENTION"],
+                num_timesteps=config["NUM_TIMESTEPS"], num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None)
+
+
 def build_diffusion(config):
-    """The noise schedule and parameterisation a config describes."""
+    """The noise schedule and parameterisation a config describes, after checking them."""
+    util.check_positive_ints(config, ("NUM_TIMESTEPS",))
+    if not 0 < config["BETA_START"] < config["BETA_END"] < 1:
+        raise util.UserError(f"the betas must satisfy 0 < BETA_START < BETA_END < 1, e.g. 1e-4 and 0.02; got "
+                             f"BETA_START={config['BETA_START']}, BETA_END={config['BETA_END']}")
+    if config["PREDICTION"] not in ("v", "eps"):
+        raise util.UserError(f"PREDICTION must be 'v' or 'eps', got {config['PREDICTION']!r}")
     return GaussianDiffusion(config["NUM_TIMESTEPS"], config["BETA_START"], config["BETA_END"], config["PREDICTION"])
 
 
@@ -116,6 +143,11 @@ def sample_volume(model, diffusion, first_stage, stats, device, steps=SAMPLE_STE
 
 if __name__ == "__main__":
     config = util.apply_overrides(globals())
+    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "SAMPLE_STEPS"))
+    if LOSS not in ("mse", "l1"):
+        raise util.UserError(f"LOSS must be 'mse' or 'l1', got {LOSS!r}")
+    if not 0 <= EMA_DECAY < 1:
+        raise util.UserError(f"EMA_DECAY must be in [0, 1), got {EMA_DECAY}")
     run_name = RUN_NAME or f"{FIRST_STAGE}_diffusion"
     device = util.setup_distributed()
     world_size, rank = util.world_size_and_rank()
@@ -135,13 +167,11 @@ if __name__ == "__main__":
     stats = {"latent_shape": tuple(train_latents.shape[1:]), "latent_mean": latent_mean, "latent_std": latent_std,
              "x0_bound": normalise(train_latents).abs().max().item()}
 
+    model_args = unet_args(config, stats["latent_shape"])
+    diffusion = build_diffusion(config).to(device)
     first_stage, _ = load_first_stage(train["checkpoint"], device)
-    model_args = dict(in_channels=train_latents.shape[1], base_channels=BASE_CHANNELS,
-                      channel_mults=tuple(CHANNEL_MULTS), num_res_blocks=RES_BLOCKS, attention=ATTENTION,
-                      num_timesteps=NUM_TIMESTEPS, num_z_positions=NUM_Z if Z_CONDITIONING else None)
     unet = LatentUNet(**model_args).to(device)
     ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()   # only evaluated and sampled
-    diffusion = build_diffusion(config).to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=LR)
     train_loader = util.make_loader(torch.utils.data.TensorDataset(normalise(train_latents), train["z"]),
                                     BATCH_SIZE, shuffle=True, seed=SEED, drop_last=True)

@@ -144,6 +144,27 @@ class CodePrior(nn.Module):
         return rearrange(torch.cat(codes, dim=1), "b (h w) -> b h w", h=self.grid_shape[0])
 
 
+def prior_args(config, num_codes, grid_shape):
+    """CodePrior's arguments for a config and the first stage's codes, after checking the rules
+    the constants must follow (each head gets N_EMBD / N_HEAD channels)."""
+    util.check_positive_ints(config, ("N_LAYER", "N_HEAD", "N_EMBD"))
+    if config["N_EMBD"] % config["N_HEAD"]:
+        raise util.UserError(f"N_EMBD must be divisible by N_HEAD (each head gets N_EMBD / N_HEAD channels), "
+                             f"e.g. N_EMBD={config['N_HEAD'] * max(1, round(config['N_EMBD'] / config['N_HEAD']))} "
+                             f"for N_HEAD={config['N_HEAD']}; got N_EMBD={config['N_EMBD']}")
+    if not 0 <= config["DROPOUT"] < 1:
+        raise util.UserError(f"DROPOUT must be in [0, 1), got {config['DROPOUT']}")
+    if config["TEMPERATURE"] <= 0:
+        raise util.UserError(f"TEMPERATURE must be above 0 (1.0 samples the learned distribution), "
+                             f"got {config['TEMPERATURE']}")
+    if not 0 <= config["TOP_K"] <= num_codes:
+        raise util.UserError(f"TOP_K must be between 0 (all codes) and the first stage's {num_codes} codes, "
+                             f"got {config['TOP_K']}")
+    return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
+                num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
+                dropout=config["DROPOUT"])
+
+
 def load_prior(path, device):
     """A checkpoint of this script, rebuilt for sampling: (prior in eval mode, checkpoint)."""
     checkpoint = util.load_checkpoint(path)
@@ -191,6 +212,7 @@ def save_samples(prior, first_stage, device, path):
 
 if __name__ == "__main__":
     config = util.apply_overrides(globals())
+    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE"))
     run_name = RUN_NAME or f"{FIRST_STAGE}_prior"
     device = util.setup_distributed()
     world_size, rank = util.world_size_and_rank()
@@ -200,11 +222,10 @@ if __name__ == "__main__":
 
     train, validate = (load_latents(LATENT_DIR, FIRST_STAGE, split) for split in ("train", "validate"))
     if train["indices"] is None:
-        raise SystemExit(f"{LATENT_DIR}/{FIRST_STAGE}_train.pt holds VAE latents; the transformer prior "
-                         f"models VQ codes: set FIRST_STAGE to a VQVAE run")
-    first_stage, first_stage_config = load_first_stage(train["checkpoint"], device)
-    model_args = dict(num_codes=first_stage_config["NUM_CODES"], grid_shape=tuple(train["indices"].shape[1:]),
-                      num_z_positions=NUM_Z, num_layers=N_LAYER, num_heads=N_HEAD, dim=N_EMBD, dropout=DROPOUT)
+        raise util.UserError(f"{LATENT_DIR}/{FIRST_STAGE}_train.pt holds VAE latents; the transformer prior "
+                             f"models VQ codes: set FIRST_STAGE to a VQVAE run")
+    model_args = prior_args(config, train["config"]["NUM_CODES"], train["indices"].shape[1:])
+    first_stage, _ = load_first_stage(train["checkpoint"], device)
     train_loader = util.make_loader(torch.utils.data.TensorDataset(train["indices"], train["z"]), BATCH_SIZE,
                                     shuffle=True, seed=SEED, drop_last=True)
     validate_loader = util.make_loader(torch.utils.data.TensorDataset(validate["indices"], validate["z"]), 64,

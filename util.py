@@ -109,12 +109,17 @@ def world_size_and_rank():
 def make_loader(data, batch_size, shuffle, seed=0, drop_last=False, **loader_kwargs):
     """A DataLoader over `data`. Shuffling goes through a DistributedSampler seeded with `seed`:
     call loader.sampler.set_epoch(epoch) each epoch for a new order that a resumed run repeats
-    exactly; under torchrun each process gets its own share."""
+    exactly; under torchrun each process gets its own share. A training loader (drop_last) that
+    would yield no batch at all is a UserError naming BATCH_SIZE."""
     sampler = None
+    world_size, rank = world_size_and_rank()
     if shuffle:
-        world_size, rank = world_size_and_rank()
         sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **loader_kwargs)
+    loader = DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **loader_kwargs)
+    if drop_last and len(loader) == 0:
+        raise UserError(f"BATCH_SIZE {batch_size} (per process) leaves no full batch: {len(data)} training items "
+                        f"for {world_size} process(es); lower BATCH_SIZE")
+    return loader
 
 
 def setup_distributed():
@@ -256,6 +261,15 @@ def check_positive_ints(config, names):
         value = config[name]
         if type(value) is not int or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def checked_channel_mults(config):
+    """config["CHANNEL_MULTS"], or a UserError unless it is a non-empty tuple of positive integers."""
+    mults = config["CHANNEL_MULTS"]
+    if not mults or not all(type(mult) is int and mult > 0 for mult in mults):
+        raise UserError(f"CHANNEL_MULTS must be a non-empty tuple of positive integers, one per level, "
+                        f"e.g. (1, 2); got {mults!r}")
+    return mults
 
 
 def apply_overrides(namespace, argv=None, other_types=None):

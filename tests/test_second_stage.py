@@ -197,7 +197,7 @@ def test_prior_refuses_vae_latents(first_stage_dir, tmp_path):
 
 
 def test_missing_latents_name_the_file_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vqvae_train.pt do not exist; run python latent_dataset.py"):
+    with pytest.raises(util.UserError, match="vqvae_train.pt do not exist; run python latent_dataset.py"):
         run_script("stable_diffusion.py", second_stage_args(tmp_path))
 
 

@@ -1,0 +1,165 @@
+"""Expected user mistakes stop with one clear sentence and no traceback, and shape constants are
+checked, with the rule they break, before any tensor meets them."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pre_train
+import stable_diffusion
+import train_viT
+import util
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_STAGE_CONFIG = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
+PRIOR_CONFIG = {name: getattr(train_viT, name) for name in util.config_names(vars(train_viT))}
+DIFFUSION_CONFIG = {name: getattr(stable_diffusion, name) for name in util.config_names(vars(stable_diffusion))}
+
+
+def run_script(script, *argv, cwd=ROOT):
+    """Run a script as a user would; returns (exit status, stdout, stderr)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout, result.stderr
+
+
+def assert_one_sentence(returncode, stderr, *fragments):
+    """Exit status 1, no traceback, one line of stderr holding every fragment."""
+    assert returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+# ----------------------------------------------------------------------------- scripts, as a user runs them
+def test_img_size_that_the_encoder_cannot_divide_names_the_rule(tmp_path):
+    # a missing DATA_DIR too: the shape check must come before any data is read
+    returncode, _, stderr = run_script("pre_train.py", "--IMG_SIZE=50", f"--DATA_DIR={tmp_path}/none",
+                                       f"--CKPT_DIR={tmp_path}")
+    assert_one_sentence(returncode, stderr, "IMG_SIZE must be a multiple of PATCH_SIZE x 2^(len(CHANNEL_MULTS) - 1)"
+                        " = 2 x 2^1 = 4", "e.g. 48 or 52; got 50")
+
+
+def test_value_of_the_wrong_type_names_the_type_and_an_example_without_parser_internals(tmp_path):
+    returncode, _, stderr = run_script("pre_train.py", "--EPOCHS=ten", f"--CKPT_DIR={tmp_path}")
+    assert_one_sentence(returncode, stderr, "EPOCHS must be an integer, e.g. --EPOCHS=14 (its default); got 'ten'")
+    assert "ast" not in stderr and "malformed" not in stderr
+
+
+def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
+    # the encoder's tuple is accepted; the decoder's has one count too many for two levels
+    returncode, _, stderr = run_script("pre_train.py", "--ENCODER_RES_BLOCKS=(1, 2)", "--DECODER_RES_BLOCKS=(1, 2, 3)",
+                                       f"--DATA_DIR={tmp_path}/none")
+    assert_one_sentence(returncode, stderr, "DECODER_RES_BLOCKS must be an integer >= 0 or a tuple of one per level "
+                        "(2, as in CHANNEL_MULTS), e.g. (1, 1); got (1, 2, 3)")
+
+
+def test_missing_config_file_and_unknown_constant(tmp_path):
+    returncode, _, stderr = run_script("train_viT.py", "config/no_such_preset.py")
+    assert_one_sentence(returncode, stderr, "config file config/no_such_preset.py does not exist")
+    returncode, _, stderr = run_script("stable_diffusion.py", "--EPOCH=3")
+    assert_one_sentence(returncode, stderr, "unknown constant 'EPOCH'")
+
+
+def test_missing_first_stage_checkpoint_says_which_command_makes_it(tmp_path):
+    returncode, _, stderr = run_script("latent_dataset.py", "--FIRST_STAGE=vae", f"--CKPT_DIR={tmp_path}")
+    assert_one_sentence(returncode, stderr, f"first-stage checkpoint {tmp_path}/vae_best.pt does not exist; "
+                        "train it first (python pre_train.py --MODE=VAE)")
+
+
+@pytest.mark.parametrize("script", ["train_viT.py", "stable_diffusion.py", "predict.py"])
+def test_missing_latents_say_which_command_makes_them(tmp_path, script):
+    returncode, _, stderr = run_script(script, f"--LATENT_DIR={tmp_path}", f"--CKPT_DIR={tmp_path}")
+    assert_one_sentence(returncode, stderr, f"collected latents {tmp_path}/vqvae_", "do not exist; run python "
+                        "latent_dataset.py --FIRST_STAGE=vqvae first")
+
+
+def test_missing_data_folder(tmp_path):
+    returncode, _, stderr = run_script("dataset.py", f"--DATA_DIR={tmp_path}/nowhere")
+    assert returncode == 1 and "Traceback" not in stderr
+    assert stderr.startswith(f"DATA_DIR {tmp_path}/nowhere does not exist;\nexpected the OASIS 2-D slice layout")
+
+
+def test_checkpoint_from_another_config_is_refused_without_traceback(demo_dir, tmp_path):
+    tiny = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--NUM_CODES=32", "--CODE_DIM=4", "--DISC_CHANNELS=8",
+            "--BATCH_SIZE=8", f"--DATA_DIR={demo_dir}", f"--CKPT_DIR={tmp_path}"]
+    config = dict(FIRST_STAGE_CONFIG, IMG_SIZE=32, BASE_CHANNELS=8, NUM_CODES=32, CODE_DIM=4, DISC_CHANNELS=8)
+    util.save_checkpoint({"config": config}, str(tmp_path / "vqvae_last.pt"))
+    returncode, _, stderr = run_script("pre_train.py", *tiny, cwd=tmp_path)
+    assert returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [
+        f"checkpoint {tmp_path}/vqvae_last.pt was made with another config, so its tensor shapes do not fit "
+        "this script's model:", "  BASE_CHANNELS: checkpoint 8, script 16",
+        "Use the same settings, or point the script elsewhere."]
+
+
+# ----------------------------------------------------------------------------- shape rules where models are built
+@pytest.mark.parametrize("changes, message", [
+    ({"IMG_SIZE": 50}, r"IMG_SIZE must be a multiple of .* = 4, .* e.g. 48 or 52; got 50"),
+    ({"IMG_SIZE": 60, "PATCH_SIZE": 1, "CHANNEL_MULTS": (1, 2, 2, 4)}, r"= 1 x 2\^3 = 8, .* e.g. 56 or 64; got 60"),
+    ({"IMG_SIZE": 2}, "e.g. 4; got 2"),
+    ({"CHANNEL_MULTS": ()}, "CHANNEL_MULTS must be a non-empty tuple of positive integers"),
+    ({"CHANNEL_MULTS": (1, 0)}, "CHANNEL_MULTS must be .*; got \\(1, 0\\)"),
+    ({"ENCODER_RES_BLOCKS": (2, 2, 2)}, r"ENCODER_RES_BLOCKS must be .* one per level \(2, as in CHANNEL_MULTS\)"),
+    ({"DECODER_RES_BLOCKS": -1}, "DECODER_RES_BLOCKS must be an integer >= 0"),
+    ({"MODE": "vqvae"}, "MODE must be 'VQVAE' or 'VAE', got 'vqvae'"),
+    ({"BASE_CHANNELS": 0}, "BASE_CHANNELS must be a positive integer, got 0"),
+])
+def test_first_stage_shape_rules(changes, message):
+    with pytest.raises(util.UserError, match=message):
+        pre_train.build_model(dict(FIRST_STAGE_CONFIG, **changes))
+
+
+def test_first_stage_shapes_that_follow_the_rules_build_and_run():
+    config = dict(FIRST_STAGE_CONFIG, IMG_SIZE=48, BASE_CHANNELS=8, ENCODER_RES_BLOCKS=(0, 2), DECODER_RES_BLOCKS=(1, 0))
+    model = pre_train.build_model(config)
+    images = torch.zeros(2, 1, 48, 48)
+    reconstruction, _, indices = model(images, torch.tensor([0, 31]))
+    assert reconstruction.shape == images.shape and indices.shape == (2, 12, 12)
+    discriminator = pre_train.build_discriminator(dict(config, IMG_SIZE=12, DISC_LAYERS=2))
+    assert discriminator(torch.zeros(2, 1, 12, 12), torch.tensor([0, 31])).shape == (2, 1, 1, 1)
+
+
+def test_discriminator_needs_three_pixels_after_its_downsamplings():
+    with pytest.raises(util.UserError, match="IMG_SIZE must be at least 3 x 2\\^DISC_LAYERS = 24 .* got 16"):
+        pre_train.build_discriminator(dict(FIRST_STAGE_CONFIG, IMG_SIZE=16, DISC_LAYERS=3))
+
+
+def test_prior_rules():
+    args = train_viT.prior_args(dict(PRIOR_CONFIG, N_EMBD=48, N_HEAD=6), 32, (4, 4))
+    prior = train_viT.CodePrior(**args)
+    assert prior(torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([0, 1])).shape == (2, 16, 32)
+    for changes, message in [({"N_EMBD": 50, "N_HEAD": 4}, "N_EMBD must be divisible by N_HEAD .* e.g. N_EMBD=48 for "
+                                                           "N_HEAD=4; got N_EMBD=50"),
+                             ({"N_HEAD": 0}, "N_HEAD must be a positive integer"),
+                             ({"DROPOUT": 1.0}, r"DROPOUT must be in \[0, 1\)"),
+                             ({"TEMPERATURE": 0.0}, "TEMPERATURE must be above 0"),
+                             ({"TOP_K": 33}, "TOP_K must be between 0 .* 32 codes, got 33")]:
+        with pytest.raises(util.UserError, match=message):
+            train_viT.prior_args(dict(PRIOR_CONFIG, **changes), 32, (4, 4))
+
+
+def test_diffusion_rules():
+    # 12x12 latents: two halvings fit (12 -> 6 -> 3), a third does not
+    args = stable_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
+    unet = stable_diffusion.LatentUNet(**args)
+    assert unet(torch.zeros(1, 4, 12, 12), torch.tensor([5]), torch.tensor([3])).shape == (1, 4, 12, 12)
+    with pytest.raises(util.UserError, match=r"CHANNEL_MULTS has 4 levels, .* multiple of 2\^\(len\(CHANNEL_MULTS\) "
+                                             r"- 1\) = 8; the first stage's are 12x12: use at most 3 levels, "
+                                             r"e.g. \(1, 2, 2\)"):
+        stable_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2, 2)), (4, 12, 12))
+    for changes, message in [({"BETA_START": 0.03}, "0 < BETA_START < BETA_END < 1"),
+                             ({"PREDICTION": "x0"}, "PREDICTION must be 'v' or 'eps', got 'x0'"),
+                             ({"NUM_TIMESTEPS": 0}, "NUM_TIMESTEPS must be a positive integer")]:
+        with pytest.raises(util.UserError, match=message):
+            stable_diffusion.build_diffusion(dict(DIFFUSION_CONFIG, **changes))
+
+
+def test_a_batch_size_with_no_full_batch_is_named():
+    data = torch.utils.data.TensorDataset(torch.zeros(10, 3))
+    assert len(util.make_loader(data, 10, shuffle=True, drop_last=True)) == 1
+    with pytest.raises(util.UserError, match="BATCH_SIZE 11 .* leaves no full batch: 10 training items"):
+        util.make_loader(data, 11, shuffle=True, drop_last=True)
