@@ -415,7 +415,7 @@ def summarise(data_dir, img_size, grid_path):
 
 
 if __name__ == "__main__":
-    util.apply_overrides(globals(), other_types={"NIFTI_SPLIT": str})
+    util.check_positive_ints(util.apply_overrides(globals(), other_types={"NIFTI_SPLIT": str}), ("IMG_SIZE",))
     start = time.time()
     if NIFTI_FILES:
         DATA_DIR = convert_nifti(find_nifti(NIFTI_FILES), NIFTI_OUT_DIR, NIFTI_SPLIT)

@@ -77,7 +77,7 @@ def collect(model, loader, device):
 
 
 if __name__ == "__main__":
-    util.apply_overrides(globals())
+    util.check_positive_ints(util.apply_overrides(globals()), ("BATCH_SIZE",))
     device = util.get_device()
     checkpoint_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_best.pt")
     model, first_stage_config = load_first_stage(checkpoint_path, device)

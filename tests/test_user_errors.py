@@ -57,6 +57,20 @@ def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
                         "(2, as in CHANNEL_MULTS), e.g. (1, 1); got (1, 2, 3)")
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("dataset.py", ["--IMG_SIZE=0", "--DATA_DIR=none"], "IMG_SIZE must be a positive integer, got 0"),
+    ("latent_dataset.py", ["--BATCH_SIZE=0"], "BATCH_SIZE must be a positive integer, got 0"),
+    ("pre_train.py", ["--TRAIN_SPLIT=test", "--DATA_DIR=none"],
+     "TRAIN_SPLIT must be one of train, train_and_validate, got 'test'"),
+    ("train_viT.py", ["--EPOCHS=-1"], "EPOCHS must be a positive integer, got -1"),
+    ("stable_diffusion.py", ["--LOSS=MSE"], "LOSS must be 'mse' or 'l1', got 'MSE'"),   # once silently L1
+])
+def test_training_constants_are_checked_before_anything_is_read(tmp_path, script, argv, message):
+    # run in an empty folder: no data, checkpoint or latents to read before the check
+    returncode, _, stderr = run_script(script, *argv, cwd=tmp_path)
+    assert_one_sentence(returncode, stderr, message)
+
+
 def test_missing_config_file_and_unknown_constant(tmp_path):
     returncode, _, stderr = run_script("train_viT.py", "config/no_such_preset.py")
     assert_one_sentence(returncode, stderr, "config file config/no_such_preset.py does not exist")
