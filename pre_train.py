@@ -145,6 +145,33 @@ def random_latents(model, code_histogram, n, device):
     return torch.randn((n,) + model.latent_shape(IMG_SIZE), device=device)
 
 
+def generator_loss(model, core_model, core_discriminator, images, zs, step, code_histogram):
+    """The autoencoder's loss at `step` and its logged terms: L1 reconstruction plus the VQ
+    commitment loss (VQVAE) or kl_weight(step) x KL (VAE); from GAN_START_STEP on, plus
+    GAN_WEIGHT x the adaptive weight x the hinge generator terms on the reconstructions and on
+    decodings of random latents, in one call of the unwrapped discriminator (so its gradients
+    here are never all-reduced). `model` is `core_model` or its DDP wrapper. Returns (total,
+    {name: term}, reconstructions, random-latent decodings or None, code indices or None)."""
+    reconstruction, regulariser, indices = model(images, zs)
+    rec_loss = F.l1_loss(reconstruction.float(), images)
+    if isinstance(core_model, VQVAE):
+        losses = {"rec_loss": rec_loss, "vq_loss": regulariser}
+        total = rec_loss + regulariser
+    else:
+        losses = {"rec_loss": rec_loss, "kl_loss": regulariser, "kl_weight": kl_weight(step)}
+        total = rec_loss + kl_weight(step) * regulariser
+    generated = None
+    if step >= GAN_START_STEP:
+        generated = core_model.decode(random_latents(core_model, code_histogram, len(images), images.device), zs)
+        logits = core_discriminator(torch.cat([reconstruction, generated]), torch.cat([zs, zs]))
+        g_loss, g_random_loss = (-logits.float()).chunk(2)
+        g_loss, g_random_loss = g_loss.mean(), g_random_loss.mean()
+        weight = GAN_WEIGHT * adaptive_gan_weight(rec_loss, g_loss, core_model.last_layer_weight)
+        total = total + weight * (g_loss + g_random_loss)
+        losses.update(g_loss=g_loss, g_random_loss=g_random_loss, adaptive_weight=weight)
+    return total, losses, reconstruction, generated, indices
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, autocast):
     """Mean per-image SSIM of reconstructions in [0, 1], and the code counts used (VQVAE)."""
@@ -242,24 +269,8 @@ if __name__ == "__main__":
             for group in optimizer.param_groups + disc_optimizer.param_groups:
                 group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
             with autocast():
-                reconstruction, regulariser, indices = model(images, zs)
-                rec_loss = F.l1_loss(reconstruction.float(), images)
-                if MODE == "VQVAE":
-                    losses = {"rec_loss": rec_loss, "vq_loss": regulariser}
-                    total = rec_loss + regulariser
-                else:
-                    losses = {"rec_loss": rec_loss, "kl_loss": regulariser, "kl_weight": kl_weight(step)}
-                    total = rec_loss + kl_weight(step) * regulariser
-                if gan_on:
-                    # one discriminator call on reconstructions and random-latent decodings;
-                    # the unwrapped discriminator, so its gradients here are never all-reduced
-                    generated = core_model.decode(random_latents(core_model, code_histogram, len(images), device), zs)
-                    logits = core_discriminator(torch.cat([reconstruction, generated]), torch.cat([zs, zs]))
-                    g_loss, g_random_loss = (-logits.float()).chunk(2)
-                    g_loss, g_random_loss = g_loss.mean(), g_random_loss.mean()
-                    weight = GAN_WEIGHT * adaptive_gan_weight(rec_loss, g_loss, core_model.last_layer_weight)
-                    total = total + weight * (g_loss + g_random_loss)
-                    losses.update(g_loss=g_loss, g_random_loss=g_random_loss, adaptive_weight=weight)
+                total, losses, reconstruction, generated, indices = generator_loss(
+                    model, core_model, core_discriminator, images, zs, step, code_histogram)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

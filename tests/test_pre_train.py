@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 import util
 from logger import read_log
 
@@ -34,6 +35,7 @@ def load_last(out_dir, run="vqvae"):
 
 
 def test_vqvae_training_improves_and_writes_everything(demo_dir, tmp_path, monkeypatch):
+    """What it learns is checked in test_second_stage.py (the first stage beats the per-z average slice)."""
     run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=4"))
     log = read_log(str(tmp_path / "log" / "vqvae.log"))
     rec = log["rec_loss"][1]
@@ -42,10 +44,9 @@ def test_vqvae_training_improves_and_writes_everything(demo_dir, tmp_path, monke
     assert log["val_ssim"][1][-1] > log["val_ssim"][1][0]
     # GAN terms exactly from GAN_START_STEP on
     assert log["g_loss"][0].min() == 4 and log["d_loss"][0].min() == 4
-    assert len(log["g_random_loss"][1]) == len(rec) - 4 and np.all(log["adaptive_weight"][1] >= 0)
+    assert len(log["g_random_loss"][1]) == len(rec) - 4
     summary = json.loads((tmp_path / "log" / "vqvae_summary.json").read_text())
-    assert 0 < summary["test_ssim"] <= 1 and 0 < summary["test_codebook_usage"] <= 1
-    assert summary["train_images_per_second"] > 0 and summary["steps"] == 32
+    assert summary["test_codebook_usage"] > 0.5 and summary["steps"] == 32
     best = util.load_checkpoint(str(tmp_path / "ckpt" / "vqvae_best.pt"))
     assert best["epoch"] == summary["best_epoch"] and best["code_histogram"].shape == (8, 8, 32)
     assert load_last(tmp_path)["epoch"] == 4
@@ -57,7 +58,6 @@ def test_vae_mode_anneals_kl(demo_dir, tmp_path, monkeypatch):
     run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--MODE=VAE", "--EPOCHS=1", "--KL_CYCLE_STEPS=4"))
     log = read_log(str(tmp_path / "log" / "vae.log"))
     assert np.allclose(log["kl_weight"][1] / 1e-6, [0.5, 0.625, 0.75, 0.875] * 2)
-    assert np.all(log["kl_loss"][1] > 0)
     assert "test_codebook_usage" not in json.loads((tmp_path / "log" / "vae_summary.json").read_text())
 
 
@@ -142,3 +142,36 @@ def test_code_counts_per_position_against_one_hot():
     counts = pre_train.code_counts_per_position(indices, 7)
     assert counts.shape == (3, 4, 7)
     assert torch.equal(counts, torch.nn.functional.one_hot(indices, 7).sum(0))
+
+
+@pytest.mark.parametrize("mode", ["VQVAE", "VAE"])
+def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
+    """The loss that is optimised, not the one logged: L1 + the VQ commitment loss or the
+    weighted KL + the weighted GAN terms, recomputed here from the same random draws."""
+    import pre_train
+    from model_discriminator import adaptive_gan_weight
+    # weights at which every term is far above float rounding, so a dropped one shows
+    for name, value in {"KL_WEIGHT": 0.01, "GAN_WEIGHT": 1.0, "IMG_SIZE": 32}.items():
+        monkeypatch.setattr(pre_train, name, value)
+    config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
+    config.update(MODE=mode, BASE_CHANNELS=16, NUM_CODES=32, CODE_DIM=4, LATENT_CHANNELS=4, DISC_CHANNELS=8)
+    torch.manual_seed(0)
+    model = pre_train.build_model(config).eval()        # eval: the codebook stays put between the two passes
+    discriminator = pre_train.build_discriminator(config)
+    slices = dataset.OasisSlices("train", demo_dir, 32)
+    chosen = [3, 10, 17, 24]
+    images, zs = torch.stack([slices[i][0] for i in chosen]), torch.from_numpy(slices.zs[chosen])
+    histogram, step = torch.ones(8, 8, 32), pre_train.GAN_START_STEP + 100
+    torch.manual_seed(1)
+    total, losses, _, _, _ = pre_train.generator_loss(model, model, discriminator, images, zs, step, histogram)
+
+    torch.manual_seed(1)            # the VAE's posterior sample, then the random latents, as above
+    reconstruction, regulariser, _ = model(images, zs)
+    generated = model.decode(pre_train.random_latents(model, histogram, len(images), "cpu"), zs)
+    rec_loss = (reconstruction - images).abs().mean()
+    g_loss, g_random_loss = -discriminator(reconstruction, zs).mean(), -discriminator(generated, zs).mean()
+    gan_term = adaptive_gan_weight(rec_loss, g_loss, model.last_layer_weight) * (g_loss + g_random_loss)
+    regulariser_term = regulariser * (1.0 if mode == "VQVAE" else pre_train.kl_weight(step))
+    assert min(regulariser_term.item(), abs(gan_term.item())) > 0.01 * rec_loss.item()
+    assert total.item() == pytest.approx((rec_loss + regulariser_term + gan_term).item(), rel=1e-5)
+    assert losses["rec_loss"].item() == pytest.approx(rec_loss.item(), rel=1e-5)
