@@ -67,7 +67,7 @@ def test_ssim_on_cuda_matches_cpu(slice_pairs):
         util.ssim(images, degraded).item(), abs=1e-5)
 
 
-# ----------------------------------------------------------------------------- embedding, seed, device
+# ----------------------------------------------------------------------------- embedding, seed
 def test_sinusoidal_embedding_against_formula():
     positions = torch.tensor([0, 1, 7, 31])
     embedding = util.sinusoidal_embedding(positions, 16)
@@ -88,10 +88,6 @@ def test_seed_everything_repeats_all_generators():
     assert draw() == first
     util.seed_everything(124)
     assert draw() != first
-
-
-def test_device_is_cuda_only_when_present():
-    assert util.get_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- checkpoints
