@@ -1,4 +1,5 @@
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from logger import TrainingLog, plot_log, read_log
@@ -31,7 +32,22 @@ def test_resume_drops_what_a_killed_run_wrote_after_the_checkpoint(tmp_path):
     assert np.array_equal(steps, [0, 1, 2, 3, 4, 5, 6]) and values[-1] == 60
 
 
-def test_plot_has_the_panels_of_the_logged_values(tmp_path):
+def plotted_panels(monkeypatch, path, out_path):
+    """{panel title: {curve label: (x, y)}} of the figure plot_log saves, and the PNG's size."""
+    figures, savefig = [], Figure.savefig
+
+    def keep_and_save(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_and_save)
+    plot_log(path, out_path)
+    panels = {ax.get_title(): {line.get_label(): line.get_data() for line in ax.get_lines()}
+              for ax in figures[0].axes if ax.axison}
+    return panels, Image.open(out_path).size
+
+
+def test_plot_draws_each_logged_value_in_its_panel(tmp_path, monkeypatch):
     path = str(tmp_path / "run.log")
     log = TrainingLog(path)
     rng = np.random.default_rng(0)
@@ -43,6 +59,30 @@ def test_plot_has_the_panels_of_the_logged_values(tmp_path):
         if step % 50 == 49:
             log.write(step, {"val_ssim": 0.5 + step / 400, "codebook_usage": 1.0})
     log.close()
-    out = plot_log(path, str(tmp_path / "curves.png"))
-    width, height = Image.open(out).size
+    panels, (width, height) = plotted_panels(monkeypatch, path, str(tmp_path / "curves.png"))
+    assert {title: sorted(curves) for title, curves in panels.items()} == {
+        "reconstruction": ["rec_loss"], "regulariser": ["vq_loss"], "GAN terms": ["d_loss", "g_loss", "g_random_loss"],
+        "balancing weights": ["adaptive_weight"], "codebook usage": ["codebook_usage"], "validation SSIM": ["val_ssim"]}
     assert width > height > 300        # 2 rows x 3 columns of panels
+    # long series are drawn as a 5-step moving average, each point at its window's last step
+    steps, values = read_log(path)["rec_loss"]
+    x, y = panels["reconstruction"]["rec_loss"]
+    assert np.array_equal(x, steps[4:]) and np.allclose(y, [values[i - 4:i + 1].mean() for i in range(4, 200)])
+    x, y = panels["GAN terms"]["g_loss"]
+    assert x[0] == 104 and len(y) == 96
+    x, y = panels["validation SSIM"]["val_ssim"]       # short series as they are
+    assert np.array_equal(x, [49, 99, 149, 199]) and np.allclose(y, [0.6225, 0.7475, 0.8725, 0.9975])
+
+
+def test_plot_of_a_second_stage_log(tmp_path, monkeypatch):
+    path = str(tmp_path / "prior.log")
+    log = TrainingLog(path)
+    for step in range(60):
+        log.write(step, {"train_loss": 3.0 - step / 30})
+        if step % 20 == 19:
+            log.write(step, {"val_loss": 3.0 - step / 40})
+    log.close()
+    panels, _ = plotted_panels(monkeypatch, path, str(tmp_path / "curves.png"))
+    assert list(panels) == ["training loss", "validation loss"]
+    assert np.allclose(panels["validation loss"]["val_loss"][1], [2.525, 2.025, 1.525])
+    assert np.allclose(panels["training loss"]["train_loss"][1], 3.0 - np.arange(2, 58) / 30)
