@@ -172,22 +172,32 @@ class GaussianDataPredictor(torch.nn.Module):
         return noise if self.diffusion.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
 
+@pytest.fixture
+def one_thread():
+    """Thousands of sampler steps on small tensors: one thread is as fast as two, and with the
+    other core busy, two made them 50x slower (each op waits for the descheduled thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_samplers_reach_the_gaussian_data_distribution(prediction):
-    """10,000 samples: means within 0.05 std (5 standard errors), stds within 4% (DDPM with the
-    posterior variance comes out 1% narrow at std 0.3, DDIM over all 1000 steps within 0.5%);
-    DDIM over 50 steps comes out 4-8% narrow, its discretisation error, so within 10%."""
+def test_samplers_reach_the_gaussian_data_distribution(prediction, one_thread):
+    """8192 samples: means within 0.05 std (4.5 standard errors), stds within 4% (DDPM with the
+    posterior variance comes out 1% narrow at std 0.3, DDIM over all 1000 steps within 1.3%);
+    DDIM over 50 steps comes out 4-9% narrow, its discretisation error, so within 15%."""
     diffusion = GaussianDiffusion(1000, 1e-4, 0.02, prediction)
-    predictor, shape, z = GaussianDataPredictor(diffusion), (10000, 1, 2, 2), torch.zeros(10000, dtype=torch.long)
+    predictor, shape, z = GaussianDataPredictor(diffusion), (8192, 1, 2, 2), torch.zeros(8192, dtype=torch.long)
     torch.manual_seed(0)
     ddpm, _ = diffusion.sample_ddpm(predictor, shape, z)
     for samples, std_tolerance in ((ddpm, 0.04), (diffusion.sample_ddim(predictor, shape, z, steps=1000), 0.04),
-                                   (diffusion.sample_ddim(predictor, shape, z, steps=50), 0.1)):
+                                   (diffusion.sample_ddim(predictor, shape, z, steps=50), 0.15)):
         assert ((samples.mean(0) - GAUSSIAN_MEAN).abs() / GAUSSIAN_STD).max() < 0.05
         assert (samples.std(0) / GAUSSIAN_STD - 1).abs().max() < std_tolerance
 
 
-def test_ddpm_keeps_one_shared_trajectory_and_samplers_clip_x0():
+def test_ddpm_keeps_one_shared_trajectory_and_samplers_clip_x0(one_thread):
     diffusion = GaussianDiffusion(1000, 1e-4, 0.02, "v")
     predictor, shape, z = GaussianDataPredictor(diffusion), (3, 1, 2, 2), torch.zeros(3, dtype=torch.long)
     torch.manual_seed(0)
