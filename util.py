@@ -15,35 +15,39 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 
 # ----------------------------------------------------------------------------- SSIM
-def gaussian_window(size=11, sigma=1.5):
-    """Normalised 2-D Gaussian window (size x size)."""
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return torch.outer(g, g)
+def gaussian_band(size, window_size=11, sigma=1.5):
+    """(size, size) matrix B with B @ column = the normalised 1-D Gaussian window's mean around
+    each entry, zero padding included (rows near the border just lose the taps outside). The
+    2-D window is separable, so B_H @ image @ B_W.T is its local mean at every pixel."""
+    taps = torch.exp(-(torch.arange(window_size, dtype=torch.float64) - (window_size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    taps = taps / taps.sum()
+    offset = torch.arange(size)[None] - torch.arange(size)[:, None] + window_size // 2
+    inside = (offset >= 0) & (offset < window_size)
+    return torch.where(inside, taps[offset.clamp(0, window_size - 1)], torch.zeros((), dtype=torch.float64)).float()
+
+
+def _ssim_from_moments(mu1, mu2, var1, var2, covar, data_range=1.0, k1=0.01, k2=0.03):
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    return ((2 * mu1 * mu2 + c1) * (2 * covar + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (var1 + var2 + c2))
 
 
 def ssim_map(img1, img2, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03):
-    """Per-pixel SSIM of (B, C, H, W) images. Window statistics come from a depthwise
-    convolution with zero padding, so the map has the input's size and border windows count
-    (the original repo's definition). Variances are population variances."""
+    """Per-pixel SSIM of (B, C, H, W) images. Window statistics are Gaussian-weighted local
+    means with zero padding, so the map has the input's size and border windows count (the
+    original repo's definition). Variances are population variances."""
     if img1.shape != img2.shape or img1.dim() != 4:
         raise ValueError(f"ssim expects two (B, C, H, W) tensors of one shape, got "
                          f"{tuple(img1.shape)} and {tuple(img2.shape)}")
     img1, img2 = img1.float(), img2.float()
-    channels = img1.shape[1]
-    window = gaussian_window(window_size, sigma).to(img1)
-    window = window.expand(channels, 1, window_size, window_size).contiguous()
+    rows = gaussian_band(img1.shape[2], window_size, sigma).to(img1)
+    columns = gaussian_band(img1.shape[3], window_size, sigma).to(img1)
 
     def local_mean(x):
-        return F.conv2d(x, window, padding=window_size // 2, groups=channels)
+        return rows @ x @ columns.T
 
     mu1, mu2 = local_mean(img1), local_mean(img2)
-    var1 = local_mean(img1 * img1) - mu1 ** 2
-    var2 = local_mean(img2 * img2) - mu2 ** 2
-    covar = local_mean(img1 * img2) - mu1 * mu2
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    return ((2 * mu1 * mu2 + c1) * (2 * covar + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (var1 + var2 + c2))
+    return _ssim_from_moments(mu1, mu2, local_mean(img1 * img1) - mu1 ** 2, local_mean(img2 * img2) - mu2 ** 2,
+                              local_mean(img1 * img2) - mu1 * mu2, data_range, k1, k2)
 
 
 def ssim(img1, img2, size_average=True):
@@ -58,6 +62,27 @@ def reconstruction_ssim(images, reconstructions):
     """Per-image SSIM (B,) of reconstructions against images, both in the models' [-1, 1]
     range (reconstructions are clamped to it, then both are mapped to [0, 1])."""
     return ssim((images.float() + 1) / 2, (reconstructions.float().clamp(-1, 1) + 1) / 2, size_average=False)
+
+
+def pairwise_ssim(a, b, chunk_elements=2 ** 24):
+    """SSIM of every image of a (Na, 1, H, W) against every image of b (Nb, 1, H, W), both in
+    [-1, 1] (clamped): (Na, Nb), what reconstruction_ssim gives each pair, with each image's
+    window statistics computed once."""
+    a, b = ((x.float().clamp(-1, 1)[:, 0] + 1) / 2 for x in (a, b))
+    rows, columns = gaussian_band(a.shape[1]).to(a), gaussian_band(a.shape[2]).to(a)
+
+    def local_mean(x):
+        return rows @ x @ columns.T
+
+    mu_a, mu_b = local_mean(a), local_mean(b)
+    var_a, var_b = local_mean(a * a) - mu_a ** 2, local_mean(b * b) - mu_b ** 2
+    step = max(1, chunk_elements // b.numel())
+    blocks = []
+    for i in range(0, len(a), step):
+        mu_i, var_i = mu_a[i:i + step, None], var_a[i:i + step, None]
+        covar = local_mean(a[i:i + step, None] * b[None]) - mu_i * mu_b[None]
+        blocks.append(_ssim_from_moments(mu_i, mu_b[None], var_i, var_b[None], covar).flatten(2).mean(2))
+    return torch.cat(blocks)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -129,6 +154,11 @@ def setup_distributed():
         return get_device()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:   # CUDA would fail later with "invalid device ordinal"
+            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this "
+                            f"machine but it has {gpus} GPU(s): run one process per GPU (--nproc_per_node={gpus}), "
+                            f"or CPU processes with gloo (CUDA_VISIBLE_DEVICES= torchrun ...)")
         torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group("nccl")
         return torch.device("cuda", local_rank)

@@ -45,6 +45,15 @@ def test_ssim_matches_scikit_image_away_from_the_border(slice_pairs):
     assert util.ssim(images, degraded).item() == pytest.approx(full.mean().item())
 
 
+def test_pairwise_ssim_is_reconstruction_ssim_of_every_pair(slice_pairs):
+    images, degraded = (2 * x - 1 for x in slice_pairs)          # the models' [-1, 1] range
+    a, b = images[:5], torch.cat([degraded[:3], images[:1]])
+    matrix = util.pairwise_ssim(a, b, chunk_elements=3 * b.numel())   # two chunks of rows
+    expected = torch.stack([util.reconstruction_ssim(a[i:i + 1].expand_as(b), b) for i in range(len(a))])
+    assert matrix.shape == (5, 4) and torch.allclose(matrix, expected, atol=1e-5)
+    assert matrix[0, 3].item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_ssim_falls_as_noise_grows_and_is_symmetric(slice_pairs):
     images, _ = slice_pairs
     generator = torch.Generator().manual_seed(1)
@@ -204,3 +213,14 @@ def test_reconstruction_ssim_maps_minus_one_one_and_clamps(slice_pairs):
     assert torch.allclose(util.reconstruction_ssim(signed, signed_degraded), expected, atol=1e-6)
     overshoot = signed_degraded + 0.5 * (signed_degraded > 0.99)    # decoder output past tanh's range
     assert torch.allclose(util.reconstruction_ssim(signed, overshoot), expected, atol=1e-6)
+
+
+def test_more_torchrun_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """A one-GPU machine asked for two processes: rank 1 would die with "invalid device ordinal"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(util.UserError, match="torchrun started 2 processes on this machine but it has 1 GPU.*"
+                                             "--nproc_per_node=1.*CUDA_VISIBLE_DEVICES= torchrun"):
+        util.setup_distributed()
