@@ -1,0 +1,155 @@
+"""Checks the test suite itself: applies each deliberate bug below, alone, to a copy of the
+working tree, runs the tests that should catch it, and prints which of them failed.
+
+    .venv/bin/python tests/mutations.py                       # every mutation, against its tests
+    .venv/bin/python tests/mutations.py --full                # every mutation, against the whole suite
+    .venv/bin/python tests/mutations.py unet_ignores_t ...    # only the mutations named
+
+A mutation is (name, file, exact old text, new text, tests): the old text must occur exactly once
+in the file, or the script stops before running anything. The copy holds the files git tracks and
+the untracked ones it does not ignore. The chosen tests first run on an unmutated copy, which must
+pass. Exits 1 when a mutation survives. pytest does not collect this file (no test_ prefix).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_SECONDS = 3600       # per pytest run; a hang counts as caught, but is reported as such
+
+SECOND_STAGE = "tests/test_second_stage.py::"
+PRE_TRAIN = "tests/test_pre_train.py::"
+GAUSSIAN_SAMPLERS = [SECOND_STAGE + "test_samplers_reach_the_gaussian_data_distribution",
+                     SECOND_STAGE + "test_ddpm_keeps_one_shared_trajectory_and_samplers_clip_x0"]
+FIRST_STAGE_LEARNING = ["tests/test_models.py", SECOND_STAGE + "test_first_stage_beats_the_per_z_average_slice"]
+GENERATOR_LOSS = [PRE_TRAIN + "test_generator_loss_is_the_sum_of_its_terms"]
+DIFFUSION_LEARNING = [SECOND_STAGE + "test_unet_shapes_zero_start_and_z_effect",
+                      SECOND_STAGE + "test_diffusion_learns_to_use_its_timestep_and_z"]
+PRIOR_LEARNING = [SECOND_STAGE + "test_prior_logits_depend_only_on_earlier_codes_and_z",
+                  SECOND_STAGE + "test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises"]
+
+MUTATIONS = [
+    # the issue's list (issue 8)
+    ("ddpm_posterior_mean_coefficient", "model_diffusion.py",
+     "(1 - abar_previous) * (1 - beta).sqrt() * x", "(1 - abar_previous) * (1 - beta) * x", GAUSSIAN_SAMPLERS),
+    ("ddpm_noise_scale", "model_diffusion.py",
+     "self._at(self.posterior_variance, t).sqrt()", "self._at(self.posterior_variance, t)", GAUSSIAN_SAMPLERS),
+    ("ddim_eps_random", "model_diffusion.py",
+     "eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()", "eps = torch.randn_like(x)", GAUSSIAN_SAMPLERS),
+    ("unet_ignores_t", "model_diffusion.py",
+     "cond = self.time_embedding(t)", "cond = self.time_embedding(t * 0)", DIFFUSION_LEARNING),
+    ("prior_ignores_earlier_codes", "train_viT.py",
+     "self.code_embedding(codes[:, :-1])", "self.code_embedding(codes[:, :-1]) * 0", PRIOR_LEARNING),
+    ("decoder_ignores_latent", "model_VAE.py",
+     "self.body(self.conv_in(latents), cond)", "self.body(self.conv_in(latents * 0), cond)", FIRST_STAGE_LEARNING),
+    ("vae_loss_without_kl", "pre_train.py",
+     "total = rec_loss + kl_weight(step) * regulariser", "total = rec_loss", GENERATOR_LOSS),
+    ("logger_one_panel", "logger.py",
+     "panels = {title: names for title, names in panels.items() if names}",
+     "panels = {title: names for title, names in list(panels.items())[:1] if names}", ["tests/test_logger.py"]),
+    # more of the same kinds
+    ("vqvae_loss_without_commitment", "pre_train.py",
+     "total = rec_loss + regulariser", "total = rec_loss", GENERATOR_LOSS),
+    ("commitment_without_encoder_gradient", "module.py",
+     "F.mse_loss(latents, quantised)", "F.mse_loss(latents.detach(), quantised)", ["tests/test_models.py"]),
+    ("generator_loss_without_gan", "pre_train.py",
+     "total = total + weight * (g_loss + g_random_loss)", "total = total", GENERATOR_LOSS),
+    ("generator_loss_without_random_latent_term", "pre_train.py",
+     "total = total + weight * (g_loss + g_random_loss)", "total = total + weight * g_loss", GENERATOR_LOSS),
+    ("encoder_ignores_image", "model_VAE.py",
+     "return self.encoder(images, self._embed(self.encoder_z_embedding, z))",
+     "return self.encoder(images * 0, self._embed(self.encoder_z_embedding, z))", FIRST_STAGE_LEARNING),
+    ("decoder_ignores_z", "model_VAE.py",
+     "return self.decoder(latents, self._embed(self.decoder_z_embedding, z))",
+     "return self.decoder(latents, self._embed(self.decoder_z_embedding, z * 0))", ["tests/test_models.py"]),
+    ("unet_ignores_z", "model_diffusion.py",
+     "cond = cond + self.z_embedding(z)", "cond = cond + self.z_embedding(z * 0)", DIFFUSION_LEARNING),
+    ("prior_ignores_z", "train_viT.py",
+     "torch.cat([self.z_embedding(z)[:, None], self.code_embedding",
+     "torch.cat([self.z_embedding(z * 0)[:, None], self.code_embedding", PRIOR_LEARNING),
+    ("ddim_wrong_next_noise_level", "model_diffusion.py",
+     "x = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps", "x = abar_next.sqrt() * x0 + (1 - abar).sqrt() * eps",
+     GAUSSIAN_SAMPLERS),
+    ("v_target_sign", "model_diffusion.py",
+     "target = abar.sqrt() * noise - (1 - abar).sqrt() * x0", "target = abar.sqrt() * noise + (1 - abar).sqrt() * x0",
+     [SECOND_STAGE + "test_v_target_matches_its_definition"]),
+    ("histogram_smoothing_chosen_on_test", "train_viT.py",
+     "histogram_nats_per_code(train_codes, validate_codes, num_codes, count)",
+     "histogram_nats_per_code(train_codes, test_codes, num_codes, count)",
+     [SECOND_STAGE + "test_histogram_baseline_smooths_with_the_pseudo_count_best_on_validate"]),
+]
+
+
+def check_old_texts(mutations):
+    for name, path, old, _, _ in mutations:
+        with open(os.path.join(ROOT, path)) as f:
+            count = f.read().count(old)
+        if count != 1:
+            raise SystemExit(f"mutation {name}: its old text occurs {count} times in {path}, not once; "
+                             f"update the mutation to the code: {old!r}")
+
+
+def copy_tree(destination):
+    """The working tree's tracked files and its untracked, unignored ones, into `destination`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for path in filter(None, listed):
+        source = os.path.join(ROOT, path)
+        if os.path.isfile(source):             # a deleted, not yet committed file is still listed
+            os.makedirs(os.path.dirname(os.path.join(destination, path)), exist_ok=True)
+            shutil.copy2(source, os.path.join(destination, path))
+
+
+def run_tests(targets, mutation=None):
+    """Run pytest on `targets` in a fresh copy of the tree, with `mutation` (path, old, new) applied:
+    (returncode, the failed or erroring test ids, seconds)."""
+    with tempfile.TemporaryDirectory(prefix="mutation-") as copy:
+        copy_tree(copy)
+        if mutation:
+            path, old, new = mutation
+            with open(os.path.join(copy, path)) as f:
+                text = f.read()
+            with open(os.path.join(copy, path), "w") as f:
+                f.write(text.replace(old, new))
+        start = time.time()
+        try:
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=no", "-p", "no:cacheprovider",
+                                     *targets], cwd=copy, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            return None, ["(timed out)"], time.time() - start
+    failed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if result.returncode not in (0, 1):        # collection errors, crashes: show why
+        failed = failed or [f"(pytest exit {result.returncode}: {result.stdout.strip().splitlines()[-1:]})"]
+    return result.returncode, failed, time.time() - start
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    full = "--full" in arguments
+    names = [a for a in arguments if a != "--full"]
+    unknown = set(names) - {m[0] for m in MUTATIONS}
+    if unknown:
+        raise SystemExit(f"unknown mutations {sorted(unknown)}; known: {', '.join(m[0] for m in MUTATIONS)}")
+    chosen = [m for m in MUTATIONS if not names or m[0] in names]
+    check_old_texts(chosen)
+    all_targets = ["tests"] if full else sorted({target for m in chosen for target in m[4]})
+    returncode, failed, seconds = run_tests(all_targets)
+    print(f"unmutated copy: {len(all_targets)} target(s), {'pass' if returncode == 0 else 'FAIL'} in {seconds:.0f} s",
+          flush=True)
+    if returncode != 0:
+        raise SystemExit(f"the tests fail without any mutation, so the check means nothing: {failed}")
+    rows = []
+    for name, path, old, new, targets in chosen:
+        returncode, failed, seconds = run_tests(["tests"] if full else targets, (path, old, new))
+        rows.append((name, path, failed))
+        print(f"{name}: {'caught by ' + ', '.join(failed) if failed else 'NOT CAUGHT'} ({seconds:.0f} s)", flush=True)
+    print(f"\n| mutation | file | caught by ({'whole suite' if full else 'its tests'}) |\n| --- | --- | --- |")
+    for name, path, failed in rows:
+        print(f"| {name} | {path} | {'<br>'.join(failed) if failed else '**not caught**'} |")
+    survivors = [name for name, _, failed in rows if not failed]
+    print(f"\n{len(rows) - len(survivors)} of {len(rows)} mutations caught"
+          + (f"; survivors: {', '.join(survivors)}" if survivors else ""))
+    sys.exit(1 if survivors else 0)
