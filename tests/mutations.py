@@ -1,14 +1,17 @@
 """Checks the test suite itself: applies each deliberate bug below, alone, to a copy of the
-working tree, runs the tests that should catch it, and prints which of them failed.
+committed tree (HEAD), runs the tests that should catch it, and prints which of them failed.
 
     .venv/bin/python tests/mutations.py                       # every mutation, against its tests
     .venv/bin/python tests/mutations.py --full                # every mutation, against the whole suite
+    .venv/bin/python tests/mutations.py --working-tree        # your uncommitted changes included
     .venv/bin/python tests/mutations.py unet_ignores_t ...    # only the mutations named
 
 A mutation is (name, file, exact old text, new text, tests): the old text must occur exactly once
-in the file, or the script stops before running anything. The copy holds the files git tracks and
-the untracked ones it does not ignore. The chosen tests first run on an unmutated copy, which must
-pass. Exits 1 when a mutation survives. pytest does not collect this file (no test_ prefix).
+in the file, or the script stops before running anything. The tree is copied once, so edits made
+while this runs change nothing; --working-tree copies the files git tracks and the untracked ones
+it does not ignore, as they are now. The chosen tests first run unmutated and must pass. A test
+that errors (in a fixture, say) is listed with "(error)". Exits 1 when a mutation survives.
+pytest does not collect this file (no test_ prefix).
 """
 import os
 import shutil
@@ -83,17 +86,13 @@ MUTATIONS = [
 ]
 
 
-def check_old_texts(mutations):
-    for name, path, old, _, _ in mutations:
-        with open(os.path.join(ROOT, path)) as f:
-            count = f.read().count(old)
-        if count != 1:
-            raise SystemExit(f"mutation {name}: its old text occurs {count} times in {path}, not once; "
-                             f"update the mutation to the code: {old!r}")
-
-
-def copy_tree(destination):
-    """The working tree's tracked files and its untracked, unignored ones, into `destination`."""
+def snapshot(destination, working_tree):
+    """HEAD's files into `destination`; with `working_tree`, the tracked files and the untracked,
+    unignored ones as they are now."""
+    if not working_tree:
+        archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", destination], input=archive, check=True)
+        return
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout.decode().split("\0")
     for path in filter(None, listed):
@@ -103,11 +102,20 @@ def copy_tree(destination):
             shutil.copy2(source, os.path.join(destination, path))
 
 
-def run_tests(targets, mutation=None):
-    """Run pytest on `targets` in a fresh copy of the tree, with `mutation` (path, old, new) applied:
-    (returncode, the failed or erroring test ids, seconds)."""
+def check_old_texts(mutations, tree):
+    for name, path, old, _, _ in mutations:
+        with open(os.path.join(tree, path)) as f:
+            count = f.read().count(old)
+        if count != 1:
+            raise SystemExit(f"mutation {name}: its old text occurs {count} times in {path}, not once; "
+                             f"update the mutation to the code: {old!r}")
+
+
+def run_tests(tree, targets, mutation=None):
+    """Run pytest on `targets` in a fresh copy of `tree`, with `mutation` (path, old, new) applied:
+    (returncode, the failed test ids, erroring ones marked "(error)", seconds)."""
     with tempfile.TemporaryDirectory(prefix="mutation-") as copy:
-        copy_tree(copy)
+        shutil.copytree(tree, copy, dirs_exist_ok=True)
         if mutation:
             path, old, new = mutation
             with open(os.path.join(copy, path)) as f:
@@ -120,7 +128,8 @@ def run_tests(targets, mutation=None):
                                      *targets], cwd=copy, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             return None, ["(timed out)"], time.time() - start
-    failed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line.split()[1] + (" (error)" if line.startswith("ERROR ") else "")
+              for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     if result.returncode not in (0, 1):        # collection errors, crashes: show why
         failed = failed or [f"(pytest exit {result.returncode}: {result.stdout.strip().splitlines()[-1:]})"]
     return result.returncode, failed, time.time() - start
@@ -128,24 +137,27 @@ def run_tests(targets, mutation=None):
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
-    full = "--full" in arguments
-    names = [a for a in arguments if a != "--full"]
+    full, working_tree = "--full" in arguments, "--working-tree" in arguments
+    names = [a for a in arguments if a not in ("--full", "--working-tree")]
     unknown = set(names) - {m[0] for m in MUTATIONS}
     if unknown:
         raise SystemExit(f"unknown mutations {sorted(unknown)}; known: {', '.join(m[0] for m in MUTATIONS)}")
     chosen = [m for m in MUTATIONS if not names or m[0] in names]
-    check_old_texts(chosen)
     all_targets = ["tests"] if full else sorted({target for m in chosen for target in m[4]})
-    returncode, failed, seconds = run_tests(all_targets)
-    print(f"unmutated copy: {len(all_targets)} target(s), {'pass' if returncode == 0 else 'FAIL'} in {seconds:.0f} s",
-          flush=True)
-    if returncode != 0:
-        raise SystemExit(f"the tests fail without any mutation, so the check means nothing: {failed}")
     rows = []
-    for name, path, old, new, targets in chosen:
-        returncode, failed, seconds = run_tests(["tests"] if full else targets, (path, old, new))
-        rows.append((name, path, failed))
-        print(f"{name}: {'caught by ' + ', '.join(failed) if failed else 'NOT CAUGHT'} ({seconds:.0f} s)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="mutation-tree-") as tree:
+        snapshot(tree, working_tree)
+        check_old_texts(chosen, tree)
+        returncode, failed, seconds = run_tests(tree, all_targets)
+        print(f"unmutated: {len(all_targets)} target(s), {'pass' if returncode == 0 else 'FAIL'} in {seconds:.0f} s",
+              flush=True)
+        if returncode != 0:
+            raise SystemExit(f"the tests fail without any mutation, so the check means nothing: {failed}")
+        for name, path, old, new, targets in chosen:
+            returncode, failed, seconds = run_tests(tree, ["tests"] if full else targets, (path, old, new))
+            rows.append((name, path, failed))
+            print(f"{name}: {'caught by ' + ', '.join(failed) if failed else 'NOT CAUGHT'} ({seconds:.0f} s)",
+                  flush=True)
     print(f"\n| mutation | file | caught by ({'whole suite' if full else 'its tests'}) |\n| --- | --- | --- |")
     for name, path, failed in rows:
         print(f"| {name} | {path} | {'<br>'.join(failed) if failed else '**not caught**'} |")
