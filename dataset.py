@@ -160,6 +160,17 @@ class OasisSlices(Dataset):
         seg = None if self.segs is None else torch.from_numpy(self.segs[index]).long().unsqueeze(0)
         return image, seg, int(self.brains[index]), int(self.zs[index])
 
+    def volumes(self):
+        """All slices as volumes: (brains, 32, 1, S, S) images in [-1, 1], z = 0..31 in order.
+        Every brain must hold all 32 slices."""
+        for brain in np.unique(self.brains):
+            zs = self.zs[self.brains == brain]
+            if not np.array_equal(zs, np.arange(SLICES_PER_BRAIN)):
+                raise util.UserError(f"brain {brain} of {self.data_dir} has slices z = {zs.tolist()}; volumes "
+                                     f"need z = 0..{SLICES_PER_BRAIN - 1}")
+        images = torch.from_numpy(self.images).float().div(127.5).sub(1)
+        return images.view(-1, SLICES_PER_BRAIN, 1, self.img_size, self.img_size)
+
 
 def collate_slices(batch):
     """Stack (image, seg or None, brain, z) items; seg stays None when the data has none."""

@@ -15,7 +15,7 @@ LOG_DIR = "log"
 SMOOTHING = 5              # moving-average window of the plotted curves
 
 # the original's four panels, codebook usage and validation SSIM (first stage); the second
-# stage's training and validation losses
+# stage's training and validation losses; the brain critic's terms and validation scores
 PANELS = {
     "reconstruction": ("rec_loss",),
     "regulariser": ("vq_loss", "kl_loss"),
@@ -25,6 +25,8 @@ PANELS = {
     "validation SSIM": ("val_ssim",),
     "training loss": ("train_loss",),
     "validation loss": ("val_loss",),
+    "critic terms": ("z_loss", "seg_loss"),
+    "critic validation": ("val_z_within_2", "val_dice_CSF", "val_dice_GM", "val_dice_WM"),
 }
 
 

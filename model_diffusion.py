@@ -112,9 +112,14 @@ class GaussianDiffusion(nn.Module):
             target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return F.mse_loss(predicted, target) if loss_type == "mse" else F.l1_loss(predicted, target)
 
-    def _initial_noise(self, shape, same_noise, device):
-        noise = torch.randn((1,) + tuple(shape[1:]) if same_noise else shape, device=device)
-        return noise.expand(shape).clone()
+    @staticmethod
+    def _noise(shape, noise_groups, device):
+        """Gaussian noise of `shape`; with noise_groups = G > 0 the batch is G equal runs (volumes)
+        one after another, and every item of a run gets the same noise."""
+        if not noise_groups:
+            return torch.randn(shape, device=device)
+        noise = torch.randn((noise_groups, 1) + tuple(shape[1:]), device=device)
+        return noise.expand((noise_groups, shape[0] // noise_groups) + tuple(shape[1:])).reshape(shape)
 
     def _predict_x0(self, model, x, t, z, x0_bound):
         """The model's estimate of x_0 from x_t, clipped to +-x0_bound (DDPM's `clip_denoised`,
@@ -128,12 +133,13 @@ class GaussianDiffusion(nn.Module):
         return x0 if x0_bound is None else x0.clamp(-x0_bound, x0_bound)
 
     @torch.no_grad()
-    def sample_ddpm(self, model, shape, z, x0_bound=None, same_noise=False, keep_every=0, progress=False):
+    def sample_ddpm(self, model, shape, z, x0_bound=None, noise_groups=0, keep_every=0, progress=False):
         """Ancestral sampling through all steps, each from the posterior q(x_{t-1} | x_t, x_0)
-        at the model's x_0. `same_noise`: one noise trajectory shared by the batch (the original's
-        way to make the 32 slices of a volume). Returns the final latents and, with keep_every > 0,
+        at the model's x_0. `noise_groups` = G: the batch is G volumes one after another, each of
+        whose slices share one noise trajectory (the original's way to make the 32 slices of a
+        volume one brain); 0: independent noise for every item. Returns the final latents and, with keep_every > 0,
         pure noise and every keep_every-th state after it."""
-        x = self._initial_noise(shape, same_noise, z.device)
+        x = self._noise(shape, noise_groups, z.device)
         states = [x] if keep_every else []
         for i in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps, desc="DDPM",
                       leave=False, disable=not progress):
@@ -143,15 +149,16 @@ class GaussianDiffusion(nn.Module):
             abar_previous = self._at(self.alphas_cumprod_previous, t)
             x = (beta * abar_previous.sqrt() * x0 + (1 - abar_previous) * (1 - beta).sqrt() * x) / (1 - abar)
             if i > 0:
-                x = x + self._at(self.posterior_variance, t).sqrt() * self._initial_noise(shape, same_noise, z.device)
+                x = x + self._at(self.posterior_variance, t).sqrt() * self._noise(shape, noise_groups, z.device)
             if keep_every and i % keep_every == 0:
                 states.append(x)
         return x, states
 
     @torch.no_grad()
-    def sample_ddim(self, model, shape, z, steps=50, x0_bound=None, same_noise=False):
-        """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps."""
-        x = self._initial_noise(shape, same_noise, z.device)
+    def sample_ddim(self, model, shape, z, steps=50, x0_bound=None, noise_groups=0):
+        """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps; `noise_groups` as in
+        sample_ddpm."""
+        x = self._noise(shape, noise_groups, z.device)
         timesteps = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
         for i, current in enumerate(timesteps):
             t = torch.full((shape[0],), current, device=z.device, dtype=torch.long)

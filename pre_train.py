@@ -134,7 +134,9 @@ def code_counts_per_position(indices, num_codes):
     _, height, width = indices.shape
     position = torch.arange(height * width, device=indices.device).view(height, width)
     flat = (position * num_codes + indices).flatten()
-    return torch.bincount(flat, minlength=height * width * num_codes).view(height, width, num_codes)
+    # scatter_add, not bincount: bincount on CUDA reads the largest index back to the CPU (a sync)
+    counts = torch.zeros(height * width * num_codes, dtype=torch.long, device=indices.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(height, width, num_codes)
 
 
 def random_latents(model, code_histogram, n, device):
@@ -228,8 +230,9 @@ if __name__ == "__main__":
 
     train_loader = dataset.get_dataloader(TRAIN_SPLIT, BATCH_SIZE, DATA_DIR, IMG_SIZE, seed=SEED)
     validate_loader = dataset.get_dataloader("validate", 32, DATA_DIR, IMG_SIZE)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS)
-    disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS)
+    fused = device.type == "cuda"         # one kernel for the whole update instead of one per tensor
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS, fused=fused)
+    disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS, fused=fused)
     latent_grid = model.latent_shape(IMG_SIZE)[1:]
     # VQVAE: per-position code counts of the last epoch, uniform until one epoch is seen
     code_histogram = torch.ones(*latent_grid, NUM_CODES, device=device) if MODE == "VQVAE" else None
@@ -251,6 +254,7 @@ if __name__ == "__main__":
               f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M, latent grid {latent_grid}, "
               f"{len(train_loader.dataset)} training slices, device {device}, {world_size} process(es)")
 
+    step_values = util.StepValues(log, device, last_path, "Try a lower LR or USE_BF16=False.")
     core_model = model   # methods and the adaptive weight's last layer live on the unwrapped module
     if world_size > 1:
         model = DistributedDataParallel(model)
@@ -264,7 +268,7 @@ if __name__ == "__main__":
         epoch_start = time.time()
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
         for images, _, _, zs in progress:
-            images, zs = images.to(device), zs.to(device)
+            images, zs = images.to(device, non_blocking=True), zs.to(device, non_blocking=True)
             gan_on = step >= GAN_START_STEP
             for group in optimizer.param_groups + disc_optimizer.param_groups:
                 group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
@@ -285,16 +289,15 @@ if __name__ == "__main__":
                 disc_optimizer.step()
                 losses["d_loss"] = d_loss
 
-            values = {name: value.item() if torch.is_tensor(value) else value for name, value in losses.items()}
-            util.check_finite(values, step, last_path, "Try a lower LR or USE_BF16=False.")
+            values = step_values.add(step, losses)
             if indices is not None:
                 epoch_counts += code_counts_per_position(indices, NUM_CODES)
-            if is_main:
-                log.write(step, values)
+            if is_main and values:
                 progress.set_postfix({name: f"{values[name]:.4f}" for name in ("rec_loss", "vq_loss", "kl_loss",
                                       "g_loss", "d_loss") if name in values} | epoch_stats)
             step += 1
             train_images += len(images) * world_size
+        step_values.flush()
         train_seconds += time.time() - epoch_start
 
         if MODE == "VQVAE":
@@ -318,7 +321,7 @@ if __name__ == "__main__":
                           "disc_optimizer": disc_optimizer.state_dict(), "code_histogram": code_histogram,
                           "epoch": epoch + 1, "step": step, "best_val_ssim": best_val_ssim,
                           "train_seconds": train_seconds, "train_images": train_images,
-                          "rng_state": torch.get_rng_state()}
+                          **util.rng_states()}
             if improved:
                 util.save_checkpoint(checkpoint, best_path)
             util.save_checkpoint(checkpoint, last_path)

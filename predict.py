@@ -1,20 +1,26 @@
 """Evaluate and picture a trained pipeline: first-stage test SSIM and codebook usage, random
-generation from every sampler there is, a GIF of the denoising, and a t-SNE of the latents.
+generation from every sampler there is, realism metrics for all of them, a GIF of the
+denoising, and a t-SNE of the latents.
 
-    python predict.py                        # the VQVAE pipeline: pre_train, latent_dataset, train_viT,
-                                             # stable_diffusion
+    python predict.py                        # the VQVAE pipeline: pre_train, latent_dataset, train_critic,
+                                             # train_viT, stable_diffusion
     python predict.py --FIRST_STAGE=vae      # the VAE pipeline (no prior: it has no codes)
 
 Samplers: the first stage's own (VAE: N(0, I); VQVAE: per-position code histogram), the
 transformer prior (model_ckpt/<FIRST_STAGE>_prior_best.pt) and the latent diffusion
-(model_ckpt/<FIRST_STAGE>_diffusion_best.pt), each when its checkpoint exists. Each draws one
-volume (z = 0..31); its realism score is the mean over slices of the best SSIM against the
-test slices at the same z (real validate slices, scored the same way, give a reference).
-Everything goes to visualize/<FIRST_STAGE>_*.png / .gif and log/<FIRST_STAGE>_predict.json.
+(model_ckpt/<FIRST_STAGE>_diffusion_best.pt, DDIM and DDPM), each when its checkpoint exists;
+each draws VOLUMES volumes (z = 0..31). They are scored by realism.py against the real test
+brains, next to real validate brains (the reference: what a perfect generator would score), two
+known-bad controls (validate blurred, validate plus noise) and the first stage's reconstructions
+of validate. The controls and the reconstructions are made from validate, not test, so that they
+share no anatomy with the brains they are scored against, exactly as the real validate brains.
+Everything goes to visualize/<FIRST_STAGE>_*.png / .gif, log/<FIRST_STAGE>_predict.json and
+log/<FIRST_STAGE>_realism.json.
 """
 import contextlib
 import json
 import os
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -22,18 +28,23 @@ import torch
 from torchvision.utils import make_grid
 
 import dataset
+import realism
 import util
 from latent_dataset import load_first_stage, load_latents
+from model_critic import critic_path, load_critic
 from model_VAE import VQVAE
 from module import codebook_stats
 from pre_train import code_counts_per_position
 from pre_train import evaluate as first_stage_ssim
-from stable_diffusion import decode_latents, load_diffusion, sample_volume
+from stable_diffusion import decode_latents, load_diffusion, sample_volumes
 from train_viT import TEMPERATURE, TOP_K, load_prior
 
 # ----------------------------------------------------------------------------- config
 FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STAGE>_prior / _diffusion
-SPLIT = "test"               # the split scored
+SPLIT = "test"               # the split whose reconstruction SSIM and codebook usage are reported
+VOLUMES = 8                  # volumes drawn per sampler (the real sets have 8 brains each: same sample size)
+BLUR_SIGMA = 1.0             # control: validate blurred by a Gaussian of 1 px at 64x64 (scaled with the size)
+NOISE_STD = 0.1              # control: validate plus Gaussian noise of this std (images span [-1, 1])
 GIF_EVERY = 20               # keep every 20th of the 1,000 DDPM states (the original's GIF)
 GIF_FPS = 30
 GIF_HOLD_SECONDS = 1.0       # the last frame stays this long
@@ -44,16 +55,6 @@ LATENT_DIR = "collected_latents"
 LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
 NUM_Z = dataset.SLICES_PER_BRAIN
-
-
-def nearest_slice_ssim(generated, reference_images, reference_z):
-    """For each generated slice (z = 0..31 in order), the best SSIM against reference slices of
-    the same z: near 1 when it looks like some real slice at that height."""
-    scores = []
-    for z, image in enumerate(generated):
-        candidates = reference_images[reference_z == z]
-        scores.append(util.reconstruction_ssim(candidates, image.expand_as(candidates)).max())
-    return torch.stack(scores).mean().item()
 
 
 def grid_frame(images):
@@ -89,8 +90,9 @@ def plot_codebook_usage(counts, path):
     return usage
 
 
-def plot_tsne(latents, z, path):
-    """t-SNE of flattened latents, coloured by slice index z."""
+def plot_tsne(latents, z, brain, path):
+    """t-SNE of flattened latents in two panels: coloured by slice index z, and by brain (each
+    brain's slices one colour, as the original showed it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -98,15 +100,49 @@ def plot_tsne(latents, z, path):
     keep = torch.linspace(0, len(latents) - 1, min(TSNE_POINTS, len(latents))).long()
     points = TSNE(n_components=2, init="pca", random_state=SEED,
                   perplexity=min(30.0, len(keep) - 1.0)).fit_transform(latents[keep].flatten(1).numpy())
-    fig, ax = plt.subplots(figsize=(6, 5))
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=z[keep].numpy(), cmap="viridis", s=8)
-    fig.colorbar(scatter, ax=ax, label="slice index z")
-    ax.set_title(f"t-SNE of {FIRST_STAGE} latents ({SPLIT} split)")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    brain_rank = np.unique(brain[keep].numpy(), return_inverse=True)[1]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, colour, label, cmap in ((axes[0], z[keep].numpy(), "slice index z", "viridis"),
+                                    (axes[1], brain_rank, "brain", "tab20")):
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=cmap, s=8)
+        fig.colorbar(scatter, ax=ax, label=label)
+        ax.set_title(f"t-SNE of {FIRST_STAGE} latents ({SPLIT} split), coloured by {label}")
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_sources(sources, path, every=4):
+    """One row per source: its first volume at every 4th z, to compare them at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    zs = range(0, NUM_Z, every)
+    fig, axes = plt.subplots(len(sources), len(zs), figsize=(1.3 * len(zs) + 1.6, 1.35 * len(sources)),
+                             squeeze=False)
+    for row, (name, volumes) in zip(axes, sources.items()):
+        for ax, z in zip(row, zs):
+            ax.imshow(volumes[0, z, 0].float().clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name.replace("_", "\n", 1), fontsize=8, rotation=0, ha="right", va="center")
+    for ax, z in zip(axes[0], zs):
+        ax.set_title(f"z = {z}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def in_batches(function, volumes, device, batch=256):
+    """function(images, z) applied to volumes (V, Z, 1, H, W) in batches; back as volumes on the CPU."""
+    slices = volumes.flatten(0, 1)
+    z = torch.arange(volumes.shape[1]).repeat(volumes.shape[0])
+    out = [function(slices[i:i + batch].to(device), z[i:i + batch].to(device)).float().cpu()
+           for i in range(0, len(slices), batch)]
+    return torch.cat(out).view_as(volumes)
 
 
 if __name__ == "__main__":
@@ -115,11 +151,10 @@ if __name__ == "__main__":
     device = util.get_device()
     collected = load_latents(LATENT_DIR, FIRST_STAGE, SPLIT)
     first_stage, first_stage_config = load_first_stage(collected["checkpoint"], device)
-    data_dir, img_size = first_stage_config["DATA_DIR"], first_stage_config["IMG_SIZE"]
+    data_dir = dataset.resolve_data_dir(first_stage_config["DATA_DIR"])
+    img_size = first_stage_config["IMG_SIZE"]
+    critic, _ = load_critic(critic_path(CKPT_DIR, data_dir, img_size), device, data_dir, img_size)
     loader = dataset.get_dataloader(SPLIT, 32, data_dir, img_size, shuffle=False)
-    reference = loader.dataset
-    reference_images = torch.stack([reference[i][0] for i in range(len(reference))]).to(device)
-    reference_z = torch.from_numpy(reference.zs).to(device)
     picture = os.path.join(VISUALIZE_DIR, FIRST_STAGE)
     os.makedirs(VISUALIZE_DIR, exist_ok=True)
 
@@ -129,41 +164,68 @@ if __name__ == "__main__":
     if code_counts is not None:
         usage = plot_codebook_usage(code_counts, f"{picture}_codebook_usage.png")
         results.update(codebook_usage=usage["active_share"], perplexity=usage["perplexity"])
+    plot_tsne(collected["latents"], collected["z"], collected["brain"], f"{picture}_latents_tsne.png")
 
-    plot_tsne(collected["latents"], collected["z"], f"{picture}_latents_tsne.png")
+    train, validate, test = (dataset.OasisSlices(split, data_dir, img_size).volumes()
+                             for split in ("train", "validate", "test"))
+    noise = torch.randn(validate.shape, generator=torch.Generator().manual_seed(SEED))
+    sources = {"real_validate": validate,
+               "validate_blurred": realism.gaussian_blur(validate.flatten(0, 1), BLUR_SIGMA * img_size / 64)
+               .view_as(validate),
+               "validate_noisy": (validate + NOISE_STD * noise).clamp(-1, 1),
+               "reconstruction": in_batches(lambda images, z: first_stage.reconstruct(images, z)[0], validate, device)}
+    seconds = {}
+    z = torch.arange(NUM_Z, device=device).repeat(VOLUMES)
 
-    z = torch.arange(NUM_Z, device=device)
-    validate = dataset.OasisSlices("validate", data_dir, img_size)
-    first_brain = [i for i in range(len(validate)) if validate.brains[i] == validate.brains[0]]
-    real = torch.stack([validate[i][0] for i in first_brain]).to(device)
-    realism = {"real_validate_slices": nearest_slice_ssim(real, reference_images, reference_z)}
+    def timed(name, draw):
+        """Run a sampler, keep its volumes (V, 32, 1, H, W) on the CPU and its time."""
+        start = time.time()
+        sources[name] = draw().float().cpu().view(VOLUMES, NUM_Z, 1, img_size, img_size)
+        seconds[name] = time.time() - start
+
     with torch.no_grad():
         if isinstance(first_stage, VQVAE):
-            train = load_latents(LATENT_DIR, FIRST_STAGE, "train")
-            histogram = code_counts_per_position(train["indices"], first_stage.num_codes).to(device)
-            generated = {"histogram": first_stage.sample(NUM_Z, z, histogram)}
+            train_codes = load_latents(LATENT_DIR, FIRST_STAGE, "train")["indices"]
+            histogram = code_counts_per_position(train_codes, first_stage.num_codes).to(device)
+            timed("histogram", lambda: first_stage.sample(len(z), z, histogram))
         else:
-            generated = {"gaussian": first_stage.sample(NUM_Z, z, img_size)}
+            timed("gaussian", lambda: first_stage.sample(len(z), z, img_size))
         prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
         if os.path.isfile(prior_path):
             prior, _ = load_prior(prior_path, device)
-            generated["prior"] = first_stage.decode_indices(prior.sample(z, TEMPERATURE, TOP_K), z)
+            timed("prior", lambda: first_stage.decode_indices(prior.sample(z, TEMPERATURE, TOP_K), z))
         diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
         if os.path.isfile(diffusion_path):
             unet, diffusion, checkpoint = load_diffusion(diffusion_path, device)
             stats = checkpoint["stats"]
-            generated["diffusion_ddim50"] = sample_volume(unet, diffusion, first_stage, stats, device, steps=50)
-            latents, states = diffusion.sample_ddpm(unet, (NUM_Z,) + tuple(stats["latent_shape"]), z,
-                                                    x0_bound=stats["x0_bound"], same_noise=True,
-                                                    keep_every=GIF_EVERY, progress=True)
-            generated["diffusion_ddpm1000"] = decode_latents(first_stage, latents, stats, z)
-            save_denoising_gif(states, lambda state: decode_latents(first_stage, state, stats, z),
+            timed("diffusion_ddim50", lambda: sample_volumes(unet, diffusion, first_stage, stats, device,
+                                                             VOLUMES, steps=50))
+            gif_states = []
+
+            def ddpm_volumes():
+                """All volumes in one batch, each volume's slices sharing one noise trajectory; the
+                first volume's states (every GIF_EVERY-th) are kept for the GIF."""
+                latents, states = diffusion.sample_ddpm(unet, (len(z),) + tuple(stats["latent_shape"]), z,
+                                                        x0_bound=stats["x0_bound"], noise_groups=VOLUMES,
+                                                        keep_every=GIF_EVERY, progress=True)
+                gif_states.extend(state[:NUM_Z] for state in states)
+                return decode_latents(first_stage, latents, stats, z)
+
+            timed("diffusion_ddpm1000", ddpm_volumes)
+            save_denoising_gif(gif_states, lambda state: decode_latents(first_stage, state, stats, z[:NUM_Z]),
                                f"{picture}_denoising.gif")
-    for name, images in generated.items():
-        realism[name] = nearest_slice_ssim(images, reference_images, reference_z)
-        util.save_image_grid(images, f"{picture}_generated_{name}.png")
-    results["nearest_test_slice_ssim"] = realism
-    for name, score in realism.items():
-        print(f"  {name:22s} nearest-{SPLIT}-slice SSIM {score:.4f}")
+    for name, volumes in sources.items():
+        util.save_image_grid(volumes[0], f"{picture}_generated_{name}.png" if name in seconds
+                             else f"{picture}_{name}.png")
+    plot_sources(sources, f"{picture}_realism_sources.png")
+
+    start = time.time()
+    realism_results = realism.evaluate_sources(sources, critic, train, test)
+    realism_results.update(first_stage=FIRST_STAGE, sample_seconds=seconds, metric_seconds=time.time() - start,
+                           blur_sigma_px=BLUR_SIGMA * img_size / 64, noise_std=NOISE_STD, volumes_per_sampler=VOLUMES,
+                           seed=SEED)
+    print(realism.format_table(realism_results))
+    with open(os.path.join(LOG_DIR, f"{FIRST_STAGE}_realism.json"), "w") as f:
+        json.dump(realism_results, f, indent=2)
     with open(os.path.join(LOG_DIR, f"{FIRST_STAGE}_predict.json"), "w") as f:
         json.dump(results, f, indent=2)

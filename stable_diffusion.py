@@ -131,13 +131,13 @@ def evaluate(model, diffusion, latents, z, device, seed):
 
 
 @torch.no_grad()
-def sample_volume(model, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS):
-    """One volume: 32 slices, z = 0..31, sharing one noise trajectory (DDIM), decoded to images.
-    `model`: an EMA U-Net in eval mode; `stats`: the latent normalisation ({"latent_shape",
-    "latent_mean", "latent_std", "x0_bound"})."""
-    z = torch.arange(NUM_Z, device=device)
-    latents = diffusion.sample_ddim(model, (NUM_Z,) + tuple(stats["latent_shape"]), z, steps,
-                                    x0_bound=stats["x0_bound"], same_noise=True)
+def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, steps=SAMPLE_STEPS):
+    """`volumes` volumes of 32 slices (z = 0..31) by DDIM, each volume's slices sharing one noise
+    trajectory, decoded to images (volumes * 32, 1, H, W). `model`: an EMA U-Net in eval mode;
+    `stats`: the latent normalisation ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
+    z = torch.arange(NUM_Z, device=device).repeat(volumes)
+    latents = diffusion.sample_ddim(model, (len(z),) + tuple(stats["latent_shape"]), z, steps,
+                                    x0_bound=stats["x0_bound"], noise_groups=volumes)
     return decode_latents(first_stage, latents, stats, z)
 
 
@@ -172,7 +172,7 @@ if __name__ == "__main__":
     first_stage, _ = load_first_stage(train["checkpoint"], device)
     unet = LatentUNet(**model_args).to(device)
     ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()   # only evaluated and sampled
-    optimizer = torch.optim.Adam(unet.parameters(), lr=LR)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=LR, fused=device.type == "cuda")
     train_loader = util.make_loader(torch.utils.data.TensorDataset(normalise(train_latents), train["z"]),
                                     BATCH_SIZE, shuffle=True, seed=SEED, drop_last=True)
     validate_latents = normalise(diffusion_latents(validate))
@@ -192,6 +192,8 @@ if __name__ == "__main__":
               f"{tuple(train_latents.shape[1:])}, {len(train_latents)} training slices, device {device}")
     model = DistributedDataParallel(unet) if world_size > 1 else unet
 
+    step_values = util.StepValues(log, device, last_path, "Try a lower LR.")
+    ema_params, unet_params = list(ema_unet.parameters()), list(unet.parameters())
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
@@ -203,21 +205,19 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            with torch.no_grad():
-                for ema_param, param in zip(ema_unet.parameters(), unet.parameters()):
-                    ema_param.lerp_(param, 1 - EMA_DECAY)
-            values = {"train_loss": loss.item()}
-            util.check_finite(values, step, last_path, "Try a lower LR.")
-            if is_main:
-                log.write(step, values)
+            with torch.no_grad():   # one fused update of all EMA weights
+                torch._foreach_lerp_(ema_params, unet_params, 1 - EMA_DECAY)
+            values = step_values.add(step, {"train_loss": loss})
+            if is_main and values:
                 progress.set_postfix(loss=f"{values['train_loss']:.4f}")
             step += 1
+        step_values.flush()
         train_seconds += time.time() - epoch_start
 
         if is_main:
             val_loss = evaluate(ema_unet, diffusion, validate_latents, validate["z"], device, SEED)
             log.write(step - 1, {"val_loss": val_loss})
-            images = sample_volume(ema_unet, diffusion, first_stage, stats, device)
+            images = sample_volumes(ema_unet, diffusion, first_stage, stats, device)
             util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
@@ -225,7 +225,7 @@ if __name__ == "__main__":
                           "ema_model": ema_unet.state_dict(), "optimizer": optimizer.state_dict(),
                           "stats": stats,
                           "epoch": epoch + 1, "step": step, "best_val_loss": best_val_loss,
-                          "train_seconds": train_seconds, "rng_state": torch.get_rng_state()}
+                          "train_seconds": train_seconds, **util.rng_states()}
             if improved:
                 util.save_checkpoint(checkpoint, best_path)
             util.save_checkpoint(checkpoint, last_path)
@@ -240,7 +240,7 @@ if __name__ == "__main__":
         ema_unet.load_state_dict(best["ema_model"])
         test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
         sample_start = time.time()
-        images = sample_volume(ema_unet, diffusion, first_stage, stats, device)
+        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device)
         sample_seconds = time.time() - sample_start
         util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
         summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],

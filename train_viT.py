@@ -251,7 +251,8 @@ if __name__ == "__main__":
     validate_loader = util.make_loader(torch.utils.data.TensorDataset(validate["indices"], validate["z"]), 64,
                                        shuffle=False)
     prior = CodePrior(**model_args).to(device)
-    optimizer = torch.optim.AdamW(prior.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY,
+                                  fused=device.type == "cuda")
 
     last_path = os.path.join(CKPT_DIR, f"{run_name}_last.pt")
     best_path = os.path.join(CKPT_DIR, f"{run_name}_best.pt")
@@ -267,6 +268,7 @@ if __name__ == "__main__":
               f"codes per slice from {model_args['num_codes']}, {len(train['z'])} training slices, device {device}")
     model = DistributedDataParallel(prior) if world_size > 1 else prior
 
+    step_values = util.StepValues(log, device, last_path, "Try a lower LR.")
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
@@ -280,12 +282,11 @@ if __name__ == "__main__":
             loss.backward()
             torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
             optimizer.step()
-            values = {"train_loss": loss.item()}
-            util.check_finite(values, step, last_path, "Try a lower LR.")
-            if is_main:
-                log.write(step, values)
+            values = step_values.add(step, {"train_loss": loss})
+            if is_main and values:
                 progress.set_postfix(loss=f"{values['train_loss']:.4f}")
             step += 1
+        step_values.flush()
         train_seconds += time.time() - epoch_start
 
         if is_main:
@@ -298,7 +299,7 @@ if __name__ == "__main__":
             checkpoint = {"config": config, "model_args": model_args, "model": prior.state_dict(),
                           "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
                           "best_val_loss": best_val_loss, "train_seconds": train_seconds,
-                          "rng_state": torch.get_rng_state()}
+                          **util.rng_states()}
             if improved:
                 util.save_checkpoint(checkpoint, best_path)
             util.save_checkpoint(checkpoint, last_path)

@@ -140,6 +140,7 @@ def make_loader(data, batch_size, shuffle, seed=0, drop_last=False, **loader_kwa
     world_size, rank = world_size_and_rank()
     if shuffle:
         sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    loader_kwargs.setdefault("pin_memory", torch.cuda.is_available())   # faster, asynchronous copies to a GPU
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **loader_kwargs)
     if drop_last and len(loader) == 0:
         raise UserError(f"BATCH_SIZE {batch_size} (per process) leaves no full batch: {len(data)} training items "
@@ -179,6 +180,40 @@ def check_finite(values, step, last_path, advice):
         if not math.isfinite(value):
             raise FloatingPointError(f"step {step}: {name} is {value}; stopped before saving, so "
                                      f"{last_path} still holds the last good epoch. {advice}")
+
+
+class StepValues:
+    """Each training step's logged values (loss tensors and plain numbers), checked for NaN
+    (check_finite) and written to `log` (None: not the main process). On a GPU the tensors are
+    fetched in one transfer every `CUDA_FETCH_EVERY` steps, as a .item() per value and step would
+    make the CPU wait for the GPU each step; on the CPU every step, at no cost. Call flush() at
+    the end of each epoch, before its checkpoint is written."""
+    CUDA_FETCH_EVERY = 25
+
+    def __init__(self, log, device, last_path, advice):
+        self.log, self.last_path, self.advice = log, last_path, advice
+        self.every = self.CUDA_FETCH_EVERY if torch.device(device).type == "cuda" else 1
+        self.pending, self.latest = [], {}
+
+    def add(self, step, values):
+        """Queue one step's {name: tensor or number}; returns the latest fetched values."""
+        self.pending.append((step, {name: value.detach() if torch.is_tensor(value) else value
+                                    for name, value in values.items()}))
+        if len(self.pending) >= self.every:
+            self.flush()
+        return self.latest
+
+    def flush(self):
+        tensors = [value.detach().float().reshape(()) for _, values in self.pending
+                   for value in values.values() if torch.is_tensor(value)]
+        fetched = iter(torch.stack(tensors).tolist() if tensors else [])
+        for step, values in self.pending:
+            values = {name: next(fetched) if torch.is_tensor(value) else value for name, value in values.items()}
+            check_finite(values, step, self.last_path, self.advice)
+            if self.log is not None:
+                self.log.write(step, values)
+            self.latest = values
+        self.pending = []
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -223,16 +258,25 @@ def load_checkpoint(path, config=None, shape_keys=(), map_location="cpu"):
     return checkpoint
 
 
+def rng_states():
+    """The random generators' states for a checkpoint (CPU, and each GPU's where there are GPUs:
+    random latents, dropout and sampling on a GPU draw from its generator), restored by resume()."""
+    return {"rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
 def resume(last_path, config, shape_keys, targets, verbose=True):
     """Continue a run: when `last_path` exists, load it (refusing another config), restore each
-    of `targets` ({checkpoint key: module or optimizer}) and the CPU RNG, and return the
-    checkpoint; None when there is nothing to resume."""
+    of `targets` ({checkpoint key: module or optimizer}) and the random generators, and return
+    the checkpoint; None when there is nothing to resume."""
     if not os.path.exists(last_path):
         return None
     checkpoint = load_checkpoint(last_path, config, shape_keys)
     for key, target in targets.items():
         target.load_state_dict(checkpoint[key])
     torch.set_rng_state(checkpoint["rng_state"])
+    if checkpoint.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
     if verbose:
         print(f"resuming {last_path}: epoch {checkpoint['epoch']}, step {checkpoint['step']}")
     return checkpoint

@@ -74,12 +74,22 @@ def test_resumed_run_equals_uninterrupted_run(demo_dir, tmp_path, monkeypatch):
     assert load_last(tmp_path / "resumed")["epoch"] == 1
     run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "resumed", "--EPOCHS=2"))
     straight, resumed = load_last(tmp_path / "straight"), load_last(tmp_path / "resumed")
-    for name in ("model", "discriminator"):
-        for key, tensor in straight[name].items():
-            assert torch.equal(tensor, resumed[name][key]), f"{name}.{key} differs after resuming"
     log_straight = read_log(str(tmp_path / "straight" / "log" / "vqvae.log"))
     log_resumed = read_log(str(tmp_path / "resumed" / "log" / "vqvae.log"))
-    assert np.array_equal(log_straight["rec_loss"][1], log_resumed["rec_loss"][1])
+    if not torch.cuda.is_available():            # on CPU: bit for bit
+        for name in ("model", "discriminator"):
+            for key, tensor in straight[name].items():
+                assert torch.equal(tensor, resumed[name][key]), f"{name}.{key} differs after resuming"
+        assert np.array_equal(log_straight["rec_loss"][1], log_resumed["rec_loss"][1])
+        return
+    # CUDA's atomics make two identical runs differ slightly: resuming must differ no more than that
+    run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / "again", "--EPOCHS=2"))
+    again = load_last(tmp_path / "again")
+    for name in ("model", "discriminator"):
+        for key, tensor in straight[name].items():
+            noise = (tensor.float() - again[name][key].float()).abs().max().item()
+            assert (tensor.float() - resumed[name][key].float()).abs().max().item() <= 4 * noise + 1e-4, key
+    assert np.allclose(log_straight["rec_loss"][1], log_resumed["rec_loss"][1], rtol=0.02)
 
 
 def test_checkpoint_from_another_config_is_refused(demo_dir, tmp_path, monkeypatch):
@@ -105,7 +115,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_di
 
 
 def test_torchrun_two_processes(demo_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")   # two CPU processes (gloo), GPU or not
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_port=29517", os.path.join(ROOT, "pre_train.py"),
                              *arguments(demo_dir, tmp_path, "--EPOCHS=1")],

@@ -1,0 +1,9 @@
+# The transformer prior over the GPU first stage's 16x16 codes (config/pre_train_gpu.py):
+#   python train_viT.py config/train_viT_gpu.py
+FIRST_STAGE = "vqvae256"
+N_LAYER = 8
+N_HEAD = 8
+N_EMBD = 256
+BATCH_SIZE = 64
+EPOCHS = 20
+LR = 6e-4

@@ -1,0 +1,206 @@
+"""The brain critic and the realism metrics, checked on real demo slices against cases whose
+answer is known: blurred and noisy copies of real brains, copies of training brains, slices
+shuffled across brains, slices given the wrong z."""
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import dataset
+import realism
+import util
+from model_critic import critic_path, load_critic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 64
+CRITIC = ["--IMG_SIZE=64", "--EPOCHS=16", "--BATCH_SIZE=8"]
+
+
+def run_script(name, argv):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [name] + argv)
+        runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
+
+
+@pytest.fixture(scope="module")
+def brains(tmp_path_factory):
+    """Real demo brains, 10 train / 4 validate / 4 test, and a critic trained on the train split."""
+    data_dir = dataset.build_demo_brains(str(tmp_path_factory.mktemp("realism") / "brains"), (10, 4, 4), 1)
+    out_dir = tmp_path_factory.mktemp("critic")
+    run_script("train_critic.py", CRITIC + [f"--DATA_DIR={data_dir}", f"--CKPT_DIR={out_dir}", f"--LOG_DIR={out_dir}"])
+    critic, _ = load_critic(critic_path(str(out_dir), data_dir, SIZE), "cpu", data_dir, SIZE)
+    volumes = {split: dataset.OasisSlices(split, data_dir, SIZE).volumes() for split in dataset.SPLITS}
+    return {"data_dir": data_dir, "out_dir": out_dir, "critic": critic, **volumes}
+
+
+def evaluate(brains, sources):
+    return realism.evaluate_sources(sources, brains["critic"], brains["train"], brains["test"])
+
+
+def noisy(volumes, std, seed=0):
+    return (volumes + std * torch.randn(volumes.shape, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
+
+
+def blurred(volumes, sigma):
+    return realism.gaussian_blur(volumes.flatten(0, 1), sigma).view_as(volumes)
+
+
+# ----------------------------------------------------------------------------- building blocks
+def test_gaussian_blur_matches_scipy(brains):
+    images = brains["test"][0, 8:12]
+    ours = realism.gaussian_blur(images, 1.5)
+    reference = np.stack([ndimage.gaussian_filter(image[0].numpy().astype(np.float64), 1.5, mode="mirror",
+                                                  truncate=3.0) for image in images])
+    assert np.allclose(ours[:, 0].numpy(), reference, atol=1e-5)
+
+
+def test_frechet_distance_against_closed_forms():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 4)) @ rng.normal(size=(4, 4))
+    shift = np.array([1.0, -2.0, 0.5, 0.0])
+    assert realism.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert realism.frechet_distance(x, x + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)
+    # N(mu, S) against N(2 mu, 4 S): |mu|^2 + tr(S + 4 S - 2 (4 S^2)^1/2) = |mu|^2 + tr(S)
+    assert realism.frechet_distance(x, 2 * x) == pytest.approx((x.mean(0) ** 2).sum() + np.trace(np.cov(x.T)),
+                                                               rel=1e-6)
+
+
+def test_high_frequency_energy_is_zero_on_flat_brains_and_grows_with_noise():
+    flat = torch.full((2, 1, 32, 32), -1.0)
+    flat[:, :, 8:24, 8:24] = 0.4                 # a flat square "brain": its outline is eroded away
+    assert torch.allclose(realism.high_frequency_energy(flat), torch.zeros(2))
+    rough = noisy(flat, 0.1)
+    assert (realism.high_frequency_energy(rough) > 0).all()
+
+
+def test_identity_correlation_tells_one_brain_per_volume_from_unrelated_slices():
+    rng = np.random.default_rng(0)
+    per_z = rng.normal(size=(1, 32, 6))
+    identity = rng.normal(size=(8, 1, 6))
+    coherent = per_z + identity + 0.1 * rng.normal(size=(8, 32, 6))
+    unrelated = per_z + rng.normal(size=(8, 32, 6))
+    assert realism.identity_correlation(coherent) > 0.9 and abs(realism.identity_correlation(unrelated)) < 0.1
+
+
+# ----------------------------------------------------------------------------- the critic
+def test_critic_knows_z_and_tissue_on_real_test_brains(brains):
+    summary = json.loads(open(os.path.join(brains["out_dir"], f"critic_brains_{SIZE}px_summary.json")).read())
+    # chance is ~5/32; ten training brains get ~0.87-0.91, the 48 of the full demo data ~0.99
+    assert summary["test_z_within_2"] > 0.8
+    assert min(summary["test_dice_CSF"], summary["test_dice_GM"], summary["test_dice_WM"]) > 0.6
+
+
+def test_critic_refuses_data_without_seg_folders_and_trains_on_z_alone(brains, tmp_path):
+    data_dir = tmp_path / "no_seg"
+    for split in dataset.SPLITS:
+        shutil.copytree(dataset.image_folder(brains["data_dir"], split), dataset.image_folder(str(data_dir), split))
+    arguments = CRITIC + ["--EPOCHS=1", f"--DATA_DIR={data_dir}", f"--CKPT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"]
+    with pytest.raises(util.UserError, match="no keras_png_slices_seg_.*--SEGMENTATION=False"):
+        run_script("train_critic.py", arguments)
+    run_script("train_critic.py", arguments + ["--SEGMENTATION=False"])
+    critic, _ = load_critic(critic_path(str(tmp_path), str(data_dir), SIZE), "cpu", str(data_dir), SIZE)
+    results = realism.evaluate_sources({"real_validate": brains["validate"]}, critic, brains["train"],
+                                       brains["test"])
+    figures = results["sources"]["real_validate"]["figures"]
+    assert "tissue_wasserstein" not in figures and "frechet_distance" in figures and "z_faithfulness" in figures
+
+
+def test_critic_from_other_data_or_size_is_refused(brains):
+    path = critic_path(str(brains["out_dir"]), brains["data_dir"], SIZE)
+    with pytest.raises(util.UserError, match="trained on .* at 64px.*train_critic.py --DATA_DIR=.* --IMG_SIZE=32"):
+        load_critic(path, "cpu", brains["data_dir"], 32)
+    with pytest.raises(util.UserError, match="no brain critic at .*; train it first: python train_critic.py"):
+        load_critic(critic_path(str(brains["out_dir"]), brains["data_dir"], 128), "cpu")
+
+
+def test_critic_training_resumes_and_stops_when_done(brains, capsys):
+    arguments = CRITIC + [f"--DATA_DIR={brains['data_dir']}", f"--CKPT_DIR={brains['out_dir']}",
+                          f"--LOG_DIR={brains['out_dir']}"]
+    path = critic_path(str(brains["out_dir"]), brains["data_dir"], SIZE)
+    before = util.load_checkpoint(path)
+    run_script("train_critic.py", arguments)                        # complete: nothing more to train
+    assert "epoch 16/16" not in capsys.readouterr().out
+    after = util.load_checkpoint(path)
+    assert after["epoch"] == 16 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    unfinished = os.path.join(brains["out_dir"], "unfinished.pt")
+    util.save_checkpoint(after | {"epoch": 3}, unfinished)
+    with pytest.raises(util.UserError, match="stopped at epoch 3 of 16; re-run train_critic.py"):
+        load_critic(unfinished, "cpu")
+
+
+# ----------------------------------------------------------------------------- the metrics on known cases
+@pytest.fixture(scope="module")
+def controls(brains):
+    validate = brains["validate"]
+    return evaluate(brains, {"real_validate": validate, "blurred": blurred(validate, 1.0),
+                             "noisy": noisy(validate, 0.1)})
+
+
+# what each control must break; on the other metrics it must at least not look more real than real
+BROKEN_BY = {"blurred": ("frechet_distance", "tissue_wasserstein", "sharpness", "diversity_ssim", "adjacent_ssim"),
+             "noisy": ("sharpness", "diversity_ssim", "adjacent_ssim")}
+
+
+def test_real_validate_beats_blurred_and_noisy_copies(controls):
+    sources = controls["sources"]
+    real = sources["real_validate"]
+    for control, broken in BROKEN_BY.items():
+        for metric, distance in real["distance_to_real"].items():
+            theirs = sources[control]["distance_to_real"][metric]
+            if metric in broken:
+                assert distance < theirs, (control, metric)
+            else:
+                assert distance <= theirs + 2 * real["spread"][metric] + 1e-9, (control, metric)
+    assert sources["blurred"]["figures"]["sharpness"] < 0.8 * real["figures"]["sharpness"]
+    assert sources["noisy"]["figures"]["sharpness"] > 1.5 * real["figures"]["sharpness"]
+
+
+def test_metrics_move_the_right_way_as_blur_or_noise_grows(brains):
+    validate = brains["validate"]
+    sources = {f"blur{sigma}": blurred(validate, sigma) for sigma in (0.5, 1.0, 2.0)}
+    sources.update({f"noise{std}": noisy(validate, std) for std in (0.03, 0.1, 0.3)})
+    results = evaluate(brains, sources)["sources"]
+    figures = {name: entry["figures"] for name, entry in results.items()}
+    distances = {name: entry["distance_to_real"] for name, entry in results.items()}
+    for series, control in ((("blur0.5", "blur1.0", "blur2.0"), "blurred"), (("noise0.03", "noise0.1", "noise0.3"), "noisy")):
+        for metric in BROKEN_BY[control]:
+            steps = [distances[name][metric] for name in series]
+            assert steps[0] < steps[1] < steps[2], (series, metric, steps)
+    assert figures["blur0.5"]["sharpness"] > figures["blur1.0"]["sharpness"] > figures["blur2.0"]["sharpness"]
+    assert figures["noise0.03"]["diversity_ssim"] > figures["noise0.1"]["diversity_ssim"] > \
+        figures["noise0.3"]["diversity_ssim"]
+    assert figures["blur0.5"]["diversity_ssim"] < figures["blur2.0"]["diversity_ssim"]
+
+
+def test_copies_of_training_brains_are_memorised_and_real_brains_are_not(brains, controls):
+    copies = noisy(brains["train"][:4], 0.01)
+    figures = evaluate(brains, {"copies": copies})["sources"]["copies"]["figures"]
+    assert figures["memorisation"] > 0.9
+    assert controls["sources"]["real_validate"]["figures"]["memorisation"] < 0.1
+
+
+def test_z_faithfulness_catches_slices_drawn_at_the_wrong_z(brains, controls):
+    wrong_z = brains["validate"].roll(8, dims=1)          # each slice labelled 8 positions away
+    figures = evaluate(brains, {"wrong_z": wrong_z})["sources"]["wrong_z"]["figures"]
+    assert figures["z_faithfulness"] < 0.3
+    assert controls["sources"]["real_validate"]["figures"]["z_faithfulness"] > 0.9
+
+
+def test_coherence_catches_volumes_made_of_unrelated_brains(brains, controls):
+    validate = brains["validate"]
+    generator = torch.Generator().manual_seed(0)
+    # each z of each "volume" from a randomly chosen brain: right anatomy per slice, no identity
+    mixed = torch.stack([validate[torch.randint(0, len(validate), (), generator=generator), z]
+                         for _ in range(len(validate)) for z in range(validate.shape[1])]).view_as(validate)
+    entry = evaluate(brains, {"mixed": mixed})["sources"]["mixed"]
+    real = controls["sources"]["real_validate"]
+    assert entry["figures"]["adjacent_ssim"] < real["figures"]["adjacent_ssim"]
+    assert entry["figures"]["identity_correlation"] < 0.2 < real["figures"]["identity_correlation"]
