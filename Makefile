@@ -26,7 +26,7 @@ gpu: $(VENV)/.runtime-installed
 	$(PY) latent_dataset.py --FIRST_STAGE=vqvae256
 	$(PY) train_viT.py config/train_viT_gpu.py
 	$(PY) stable_diffusion.py config/stable_diffusion_gpu.py
-	$(PY) predict.py --FIRST_STAGE=vqvae256
+	$(PY) predict.py config/predict_gpu.py
 	$(PY) logger.py
 
 test: $(VENV)/.dev-installed

@@ -85,11 +85,7 @@ class GaussianDiffusion(nn.Module):
         self.num_timesteps, self.prediction = num_timesteps, prediction
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        for name, value in {"betas": betas, "alphas_cumprod": alphas_cumprod,
-                            "alphas_cumprod_previous": previous,
-                            "posterior_variance": betas * (1 - previous) / (1 - alphas_cumprod)}.items():
-            self.register_buffer(name, value.float(), persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
     @staticmethod
     def _at(values, t):
@@ -133,24 +129,32 @@ class GaussianDiffusion(nn.Module):
         return x0 if x0_bound is None else x0.clamp(-x0_bound, x0_bound)
 
     @torch.no_grad()
-    def sample_ddpm(self, model, shape, z, x0_bound=None, noise_groups=0, keep_every=0, progress=False):
-        """Ancestral sampling through all steps, each from the posterior q(x_{t-1} | x_t, x_0)
-        at the model's x_0. `noise_groups` = G: the batch is G volumes one after another, each of
-        whose slices share one noise trajectory (the original's way to make the 32 slices of a
-        volume one brain); 0: independent noise for every item. Returns the final latents and, with keep_every > 0,
-        pure noise and every keep_every-th state after it."""
+    def sample_ddpm(self, model, shape, z, x0_bound=None, noise_groups=0, keep_every=0, progress=False,
+                    steps=None):
+        """Ancestral sampling, each step from the posterior q(x_prev | x_t, x_0) at the model's
+        x_0: through all num_timesteps steps, or (`steps` fewer) through evenly spaced ones with
+        the posterior of the respaced schedule (Nichol & Dhariwal 2021), the same arithmetic.
+        `noise_groups` = G: the batch is G volumes one after another, each of whose slices
+        share one noise trajectory (the original's way to make the 32 slices of a volume one
+        brain); 0: independent noise for every item. Returns the final latents and, with
+        keep_every > 0, pure noise and every keep_every-th state after it (counted back from
+        the last, which is always kept)."""
+        steps = steps or self.num_timesteps
+        timesteps = torch.linspace(self.num_timesteps - 1, 0, steps, device=z.device).round().long()
+        abars = self.alphas_cumprod[timesteps]
+        abars_previous = torch.cat([abars[1:], abars.new_ones(1)])
         x = self._noise(shape, noise_groups, z.device)
         states = [x] if keep_every else []
-        for i in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps, desc="DDPM",
-                      leave=False, disable=not progress):
-            t = torch.full((shape[0],), i, device=z.device, dtype=torch.long)
+        for i in tqdm(range(steps), desc=f"DDPM-{steps}", leave=False, disable=not progress):
+            t = timesteps[i].expand(shape[0])
             x0 = self._predict_x0(model, x, t, z, x0_bound)
-            beta, abar = self._at(self.betas, t), self._at(self.alphas_cumprod, t)
-            abar_previous = self._at(self.alphas_cumprod_previous, t)
+            abar, abar_previous = abars[i], abars_previous[i]
+            beta = 1 - abar / abar_previous
             x = (beta * abar_previous.sqrt() * x0 + (1 - abar_previous) * (1 - beta).sqrt() * x) / (1 - abar)
-            if i > 0:
-                x = x + self._at(self.posterior_variance, t).sqrt() * self._noise(shape, noise_groups, z.device)
-            if keep_every and i % keep_every == 0:
+            if i < steps - 1:
+                variance = beta * (1 - abar_previous) / (1 - abar)
+                x = x + variance.sqrt() * self._noise(shape, noise_groups, z.device)
+            if keep_every and (steps - 1 - i) % keep_every == 0:
                 states.append(x)
         return x, states
 

@@ -8,7 +8,7 @@ denoising, and a t-SNE of the latents.
 
 Samplers: the first stage's own (VAE: N(0, I); VQVAE: per-position code histogram), the
 transformer prior (model_ckpt/<FIRST_STAGE>_prior_best.pt) and the latent diffusion
-(model_ckpt/<FIRST_STAGE>_diffusion_best.pt, DDIM and DDPM), each when its checkpoint exists;
+(model_ckpt/<FIRST_STAGE>_diffusion_best.pt, DDIM-50 and DDPM), each when its checkpoint exists;
 each draws VOLUMES volumes (z = 0..31). They are scored by realism.py against the real test
 brains, next to real validate brains (the reference: what a perfect generator would score), two
 known-bad controls (validate blurred, validate plus noise) and the first stage's reconstructions
@@ -42,10 +42,12 @@ from train_viT import TEMPERATURE, TOP_K, load_prior
 # ----------------------------------------------------------------------------- config
 FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STAGE>_prior / _diffusion
 SPLIT = "test"               # the split whose reconstruction SSIM and codebook usage are reported
-VOLUMES = 8                  # volumes drawn per sampler (the real sets have 8 brains each: same sample size)
+VOLUMES = 4                  # volumes drawn per sampler (the real sets have 8 brains each; 8 on a GPU)
+DDPM_STEPS = 250             # ancestral DDPM steps, respaced from the 1000 trained ones (config/predict_gpu.py:
+                             # all 1000, as the original); 4 volumes x 1000 steps take ~4 min on 2 cores
 BLUR_SIGMA = 1.0             # control: validate blurred by a Gaussian of 1 px at 64x64 (scaled with the size)
 NOISE_STD = 0.1              # control: validate plus Gaussian noise of this std (images span [-1, 1])
-GIF_EVERY = 20               # keep every 20th of the 1,000 DDPM states (the original's GIF)
+GIF_EVERY = 5                # keep every 5th DDPM state: 50 frames, as the original's every 20th of 1000
 GIF_FPS = 30
 GIF_HOLD_SECONDS = 1.0       # the last frame stays this long
 TSNE_POINTS = 1024           # latents in the t-SNE plot (at most; drawn evenly)
@@ -207,11 +209,11 @@ if __name__ == "__main__":
                 first volume's states (every GIF_EVERY-th) are kept for the GIF."""
                 latents, states = diffusion.sample_ddpm(unet, (len(z),) + tuple(stats["latent_shape"]), z,
                                                         x0_bound=stats["x0_bound"], noise_groups=VOLUMES,
-                                                        keep_every=GIF_EVERY, progress=True)
+                                                        keep_every=GIF_EVERY, progress=True, steps=DDPM_STEPS)
                 gif_states.extend(state[:NUM_Z] for state in states)
                 return decode_latents(first_stage, latents, stats, z)
 
-            timed("diffusion_ddpm1000", ddpm_volumes)
+            timed(f"diffusion_ddpm{DDPM_STEPS}", ddpm_volumes)
             save_denoising_gif(gif_states, lambda state: decode_latents(first_stage, state, stats, z[:NUM_Z]),
                                f"{picture}_denoising.gif")
     for name, volumes in sources.items():

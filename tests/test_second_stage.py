@@ -15,11 +15,13 @@ from PIL import Image, ImageSequence
 
 import dataset
 import util
+from latent_dataset import load_first_stage
 from logger import read_log
 from model_diffusion import GaussianDiffusion, LatentUNet
 from realism import METRICS
 from stable_diffusion import diffusion_latents, load_diffusion
 from train_viT import CodePrior, histogram_baseline, load_prior, nats_per_code
+from test_dataset import write_small_volume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FIRST_STAGE = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 2)", "--PATCH_SIZE=2",
@@ -29,7 +31,7 @@ TINY_FIRST_STAGE = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 
 LEARNED_VQVAE = ["--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3", "--GAN_START_STEP=112"]
 # 4 + 8 + 16 = 28 features, fewer than the 32 slices of the one test brain: a Frechet distance
 TINY_CRITIC = ["--IMG_SIZE=32", "--EPOCHS=2", "--CHANNELS=(4, 8, 16)", "--BATCH_SIZE=16"]
-TINY_PREDICT = ["--VOLUMES=2", "--TSNE_POINTS=64"]
+TINY_PREDICT = ["--VOLUMES=2", "--TSNE_POINTS=64", "--DDPM_STEPS=100"]
 TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3"]
 TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5"]
 
@@ -197,13 +199,15 @@ def one_thread():
 def test_samplers_reach_the_gaussian_data_distribution(prediction, one_thread):
     """8192 samples: means within 0.05 std (4.5 standard errors), stds within 4% (DDPM with the
     posterior variance comes out 1% narrow at std 0.3, DDIM over all 1000 steps within 1.3%);
-    DDIM over 50 steps comes out 4-9% narrow, its discretisation error, so within 15%."""
+    DDIM over 50 steps comes out 4-9% narrow, DDPM respaced to 250 steps 1-5%, their
+    discretisation error, so within 15% and 8%."""
     diffusion = GaussianDiffusion(1000, 1e-4, 0.02, prediction)
     predictor, shape, z = GaussianDataPredictor(diffusion), (8192, 1, 2, 2), torch.zeros(8192, dtype=torch.long)
     torch.manual_seed(0)
     ddpm, _ = diffusion.sample_ddpm(predictor, shape, z)
     for samples, std_tolerance in ((ddpm, 0.04), (diffusion.sample_ddim(predictor, shape, z, steps=1000), 0.04),
-                                   (diffusion.sample_ddim(predictor, shape, z, steps=50), 0.15)):
+                                   (diffusion.sample_ddim(predictor, shape, z, steps=50), 0.15),
+                                   (diffusion.sample_ddpm(predictor, shape, z, steps=250)[0], 0.08)):
         assert ((samples.mean(0) - GAUSSIAN_MEAN).abs() / GAUSSIAN_STD).max() < 0.05
         assert (samples.std(0) / GAUSSIAN_STD - 1).abs().max() < std_tolerance
 
@@ -295,11 +299,11 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     val = log["val_loss"][1]
     assert len(val) == 6 and val[-1] < 0.9 * val[0]
     run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=1", *TINY_PRIOR))
-    run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--GIF_EVERY=100"))
+    run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--GIF_EVERY=10"))
     results = json.loads((first_stage_dir / "log" / "vqvae_predict.json").read_text())
     assert 0 < results["ssim"] <= 1 and 0 < results["codebook_usage"] <= 1
     realism = json.loads((first_stage_dir / "log" / "vqvae_realism.json").read_text())
-    samplers = ("histogram", "prior", "diffusion_ddim50", "diffusion_ddpm1000")
+    samplers = ("histogram", "prior", "diffusion_ddim50", "diffusion_ddpm100")
     assert list(realism["sources"]) == ["real_validate", "validate_blurred", "validate_noisy", "reconstruction",
                                         *samplers]
     for name in samplers:                        # 2 volumes each: every metric, diversity included
@@ -313,12 +317,12 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     assert blurred["sharpness"] < 1 < realism["sources"]["validate_noisy"]["figures"]["sharpness"]
     gif_path = first_stage_dir / "visualize" / "vqvae_denoising.gif"
     frames = iio.imread(str(gif_path), index=None)
-    assert frames.shape[:3] == (11, 4 * 34 + 2, 8 * 34 + 2)    # noise + every 100th of 1000 states; 4 x 8 grid
+    assert frames.shape[:3] == (11, 4 * 34 + 2, 8 * 34 + 2)    # noise + every 10th of 100 states; 4 x 8 grid
     with Image.open(gif_path) as gif:
         durations = [frame.info["duration"] for frame in ImageSequence.Iterator(gif)]
     assert durations[0] == 30 and durations[-1] == 1000    # 30 fps (GIF keeps centiseconds), last held 1 s
     pictures = os.listdir(first_stage_dir / "visualize")
-    for name in ("codebook_usage", "latents_tsne", "generated_prior", "generated_diffusion_ddpm1000",
+    for name in ("codebook_usage", "latents_tsne", "generated_prior", "generated_diffusion_ddpm100",
                  "realism_sources", "validate_blurred"):
         assert f"vqvae_{name}.png" in pictures
     with Image.open(first_stage_dir / "visualize" / "vqvae_latents_tsne.png") as tsne:
@@ -376,9 +380,33 @@ def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
     checkpoint = util.load_checkpoint(str(first_stage_dir / "ckpt" / "vae_diffusion_best.pt"))
     assert checkpoint["stats"]["latent_shape"] == (4, 8, 8)       # the means, not mean and log-variance
     run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--FIRST_STAGE=vae",
-                                               "--GIF_EVERY=500"))
+                                               "--GIF_EVERY=50"))
     results = json.loads((first_stage_dir / "log" / "vae_predict.json").read_text())
     assert "codebook_usage" not in results and 0 < results["ssim"] <= 1
     realism = json.loads((first_stage_dir / "log" / "vae_realism.json").read_text())
     assert list(realism["sources"]) == ["real_validate", "validate_blurred", "validate_noisy", "reconstruction",
-                                        "gaussian", "diffusion_ddim50", "diffusion_ddpm1000"]
+                                        "gaussian", "diffusion_ddim50", "diffusion_ddpm100"]
+
+
+def test_score_scans_on_a_converted_nifti_volume(first_stage_dir, tmp_path, capsys):
+    scans = dataset.convert_nifti([write_small_volume(tmp_path / "scan.nii.gz")], str(tmp_path / "my_scans"), "test")
+    arguments = [f"--CKPT_DIR={first_stage_dir}/ckpt", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"]
+    with pytest.raises(util.UserError, match="give the folder to score: python score_scans.py --DATA_DIR="):
+        run_script("score_scans.py", arguments)
+    run_script("score_scans.py", arguments + [f"--DATA_DIR={scans}"])
+    results = json.loads((tmp_path / "vqvae_scans_my_scans.json").read_text())
+    # the per-z figures are those of the first stage's own reconstruction of the converted slices
+    model, config = load_first_stage(str(first_stage_dir / "ckpt" / "vqvae_best.pt"), "cpu")
+    volume = dataset.OasisSlices("test", scans, config["IMG_SIZE"]).volumes()[0]
+    with torch.no_grad():
+        expected = util.reconstruction_ssim(volume, model.reconstruct(volume, torch.arange(32))[0])
+    assert results["ssim_per_z"] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert list(results["ssim_per_brain"]) == ["1"] and results["ssim"] == pytest.approx(expected.mean().item())
+    assert f"brain 1: {results['ssim']:.4f}" in capsys.readouterr().out
+    home = results["realism_against_first_stage_test"]["sources"]
+    assert set(home) == {"your_scans", "reconstructions"}
+    assert {"frechet_distance", "tissue_wasserstein", "sharpness", "z_faithfulness"} <= set(home["your_scans"]["figures"])
+    # what the tiny first stage loses on these scans: their fine texture
+    assert results["realism_against_your_scans"]["sources"]["reconstructions"]["figures"]["sharpness"] < 0.8
+    for picture in ("vqvae_scans_my_scans_brain1.png", "vqvae_scans_my_scans_ssim.png"):
+        assert (tmp_path / picture).exists()

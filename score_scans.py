@@ -1,0 +1,104 @@
+"""Score a trained first stage on your own brains: any OASIS-layout folder (e.g. NIfTI volumes
+converted by dataset.py), one split.
+
+    python dataset.py --NIFTI_FILES=my_t1.nii.gz --NIFTI_OUT_DIR=my_scans --NIFTI_SPLIT=test
+    python score_scans.py --DATA_DIR=my_scans                     # the VQVAE of `make`, split test
+    python score_scans.py --DATA_DIR=my_scans --FIRST_STAGE=vae
+
+Writes log/<FIRST_STAGE>_scans_<folder>.json and prints:
+- reconstruction SSIM per brain and per z (plotted to visualize/<FIRST_STAGE>_scans_<folder>_ssim.png),
+  with the first stage's own test SSIM beside it;
+- realism figures (realism.py, with the brain critic of the first stage's training data): your
+  brains and their reconstructions against the first stage's real test brains (how far your
+  scans are from what the models learned), and the reconstructions against your brains (what
+  the first stage loses on them: sharpness, tissue, ...);
+- visualize/<FIRST_STAGE>_scans_<folder>_brain<id>.png: each brain's 32 slices above their
+  reconstructions.
+Slices are resized to the first stage's IMG_SIZE; every brain needs its 32 slices.
+"""
+import contextlib
+import json
+import os
+
+import numpy as np
+import torch
+
+import dataset
+import realism
+import util
+from latent_dataset import load_first_stage
+from model_critic import critic_path, load_critic
+from pre_train import evaluate as first_stage_ssim
+
+# ----------------------------------------------------------------------------- config
+DATA_DIR = ""                # your OASIS-layout folder (required)
+SPLIT = "test"               # the split of it to score
+FIRST_STAGE = "vqvae"        # the first-stage run: model_ckpt/<FIRST_STAGE>_best.pt
+CKPT_DIR = "model_ckpt"
+LOG_DIR = "log"
+VISUALIZE_DIR = "visualize"
+NUM_Z = dataset.SLICES_PER_BRAIN
+
+
+def plot_ssim_per_z(ssim, brains, reference, path):
+    """Reconstruction SSIM against z, one line per brain, the first stage's test SSIM dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for brain, scores in zip(brains, ssim):
+        ax.plot(np.arange(NUM_Z), scores, marker="o", markersize=3, label=f"brain {brain}")
+    ax.axhline(reference, color="gray", linestyle="--", label=f"{FIRST_STAGE} on its own test split")
+    ax.set_xlabel("slice index z")
+    ax.set_ylabel("reconstruction SSIM")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    util.apply_overrides(globals())
+    if not DATA_DIR:
+        raise util.UserError("give the folder to score: python score_scans.py --DATA_DIR=my_scans (an OASIS-layout "
+                             "folder; dataset.py --NIFTI_FILES=... --NIFTI_SPLIT=test makes one from NIfTI volumes)")
+    device = util.get_device()
+    first_stage, config = load_first_stage(os.path.join(CKPT_DIR, f"{FIRST_STAGE}_best.pt"), device)
+    img_size, home_dir = config["IMG_SIZE"], dataset.resolve_data_dir(config["DATA_DIR"])
+    critic, _ = load_critic(critic_path(CKPT_DIR, home_dir, img_size), device, home_dir, img_size)
+    scans = dataset.OasisSlices(SPLIT, DATA_DIR, img_size)
+    volumes = scans.volumes()
+    brains = np.unique(scans.brains)
+    with torch.no_grad():
+        reconstructions = torch.stack([first_stage.reconstruct(volume.to(device), torch.arange(NUM_Z, device=device))[0]
+                                       .float().cpu() for volume in volumes])
+    ssim = torch.stack([util.reconstruction_ssim(v, r) for v, r in zip(volumes, reconstructions)]).numpy()
+    home_ssim, _ = first_stage_ssim(first_stage, dataset.get_dataloader("test", 32, home_dir, img_size, shuffle=False),
+                                    device, contextlib.nullcontext)
+    name = f"{FIRST_STAGE}_scans_{os.path.basename(os.path.normpath(DATA_DIR))}"
+    os.makedirs(VISUALIZE_DIR, exist_ok=True)
+    for brain, volume, reconstruction in zip(brains, volumes, reconstructions):
+        util.save_image_grid(torch.cat([volume, reconstruction]),
+                             os.path.join(VISUALIZE_DIR, f"{name}_brain{brain}.png"))
+    plot_ssim_per_z(ssim, brains, home_ssim, os.path.join(VISUALIZE_DIR, f"{name}_ssim.png"))
+
+    train, test = (dataset.OasisSlices(split, home_dir, img_size).volumes() for split in ("train", "test"))
+    against_home = realism.evaluate_sources({"your_scans": volumes, "reconstructions": reconstructions}, critic,
+                                            train, test)
+    against_scans = realism.evaluate_sources({"reconstructions": reconstructions}, critic, train, volumes)
+    results = {"data_dir": os.path.abspath(DATA_DIR), "split": SPLIT, "first_stage": FIRST_STAGE,
+               "ssim": float(ssim.mean()), "ssim_per_brain": {int(b): float(s) for b, s in zip(brains, ssim.mean(1))},
+               "ssim_per_z": ssim.mean(0).tolist(), "first_stage_test_ssim": home_ssim,
+               "realism_against_first_stage_test": against_home, "realism_against_your_scans": against_scans}
+    print(f"{FIRST_STAGE} reconstruction SSIM on {DATA_DIR} ({SPLIT}, {len(brains)} brains): {results['ssim']:.4f} "
+          f"(its own test split: {home_ssim:.4f})")
+    for brain, score in results["ssim_per_brain"].items():
+        print(f"  brain {brain}: {score:.4f}")
+    print(f"\nyour brains and their reconstructions against {FIRST_STAGE}'s real test brains:")
+    print(realism.format_table(against_home))
+    print("\nthe reconstructions against your brains:")
+    print(realism.format_table(against_scans, reference="your scans"))
+    os.makedirs(LOG_DIR, exist_ok=True)
+    with open(os.path.join(LOG_DIR, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=2)
