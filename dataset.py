@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -312,8 +313,15 @@ def _write_dataset(out_dir, brains, info):
                              f"choose a new folder (NIFTI_OUT_DIR) rather than overwrite it")
     partial = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    for split, brain_id, volume, rng in tqdm(brains, desc=f"building {out_dir}", unit="brain"):
+
+    def build(brain):
+        split, brain_id, volume, rng = brain
         _write_brain(partial, split, brain_id, *render_brain(volume, rng))
+
+    # brains are independent (each has its own generator) and SciPy / PIL release the GIL: one thread per core
+    with ThreadPoolExecutor(max_workers=max(1, min(len(brains), os.cpu_count() or 1))) as pool:
+        for _ in tqdm(pool.map(build, brains), total=len(brains), desc=f"building {out_dir}", unit="brain"):
+            pass
     with open(os.path.join(partial, "dataset_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     shutil.rmtree(out_dir, ignore_errors=True)

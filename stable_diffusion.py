@@ -49,7 +49,8 @@ BATCH_SIZE = 32              # per process
 LR = 1e-3                    # the original: Adam 1e-3
 MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
 EMA_DECAY = 0.995            # weight EMA, per step
-SAMPLE_STEPS = 50            # DDIM steps for the per-epoch grid (predict.py also runs the full DDPM)
+SAMPLE_STEPS = 50            # DDIM steps for the sample grids (predict.py also runs the DDPM)
+GRID_EVERY = 10              # epochs between sample grids (a 32-slice volume, ~2 s here), and one of the best at the end
 SEED = 0
 CKPT_DIR = "model_ckpt"
 LATENT_DIR = "collected_latents"
@@ -143,7 +144,7 @@ def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, step
 
 if __name__ == "__main__":
     config = util.apply_overrides(globals())
-    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "SAMPLE_STEPS"))
+    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "SAMPLE_STEPS", "GRID_EVERY"))
     if LOSS not in ("mse", "l1"):
         raise util.UserError(f"LOSS must be 'mse' or 'l1', got {LOSS!r}")
     if not 0 <= EMA_DECAY < 1:
@@ -217,8 +218,10 @@ if __name__ == "__main__":
         if is_main:
             val_loss = evaluate(ema_unet, diffusion, validate_latents, validate["z"], device, SEED)
             log.write(step - 1, {"val_loss": val_loss})
-            images = sample_volumes(ema_unet, diffusion, first_stage, stats, device)
-            util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
+            if (epoch + 1) % GRID_EVERY == 0:
+                images = sample_volumes(ema_unet, diffusion, first_stage, stats, device)
+                util.save_image_grid(images, os.path.join(VISUALIZE_DIR,
+                                                          f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
             checkpoint = {"config": config, "model_args": model_args, "model": unet.state_dict(),

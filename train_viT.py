@@ -45,6 +45,7 @@ MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last ste
 WEIGHT_DECAY = 0.1
 TEMPERATURE = 1.0            # sampling: softmax temperature
 TOP_K = 0                    # sampling: keep the k likeliest codes at each step (0 = all)
+GRID_EVERY = 3               # epochs between sample grids (32 slices, ~4 s here), and one of the best at the end
 HISTOGRAM_PSEUDO_COUNTS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)   # the histogram baseline's smoothing,
                              # the one best on validate (add-one overstated the prior's lead by ~20%)
 SEED = 0
@@ -232,7 +233,7 @@ def save_samples(prior, first_stage, device, path):
 
 if __name__ == "__main__":
     config = util.apply_overrides(globals())
-    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE"))
+    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "GRID_EVERY"))
     run_name = RUN_NAME or f"{FIRST_STAGE}_prior"
     device = util.setup_distributed()
     world_size, rank = util.world_size_and_rank()
@@ -292,8 +293,9 @@ if __name__ == "__main__":
         if is_main:
             val_loss = evaluate(prior, validate_loader, device)
             log.write(step - 1, {"val_loss": val_loss})
-            save_samples(prior, first_stage, device,
-                         os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
+            if (epoch + 1) % GRID_EVERY == 0:
+                save_samples(prior, first_stage, device,
+                             os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
             checkpoint = {"config": config, "model_args": model_args, "model": prior.state_dict(),
