@@ -140,8 +140,7 @@ def score(description, reference, volumes=None):
     reference_features = reference["features"].reshape(-1, flat_features.shape[1])
     figures = {"sharpness": float(d["energy"].mean() / reference["energy"].mean()),
                "z_faithfulness": float((np.abs(d["predicted_z"] - np.arange(num_z)) <= Z_TOLERANCE).mean()),
-               "adjacent_ssim": float(d["adjacent_ssim"].mean()),
-               "identity_correlation": identity_correlation(d["features"])}
+               "adjacent_ssim": float(d["adjacent_ssim"].mean())}
     # the covariances must be full rank: more slices than feature dimensions on both sides
     if min(len(flat_features), len(reference_features)) > flat_features.shape[1]:
         figures["frechet_distance"] = (frechet_distance(flat_features, reference_features)
@@ -151,7 +150,8 @@ def score(description, reference, volumes=None):
                                                 100 * reference["tissue_area"][:, band:band + Z_BAND, tissue].ravel())
                      for band in range(0, num_z, Z_BAND) for tissue in range(len(TISSUE_NAMES))]
         figures["tissue_wasserstein"] = float(np.mean(distances))
-    if len(index) > 1:           # pairs of different volumes
+    if len(index) > 1:           # pairs of different volumes; a typical slice per z to depart from
+        figures["identity_correlation"] = identity_correlation(d["features"])
         same_z = description["same_z_ssim"][:, index][:, :, index]
         figures["diversity_ssim"] = float(same_z[:, ~np.eye(len(index), dtype=bool)].mean())
     if "nearest_train_ssim" in d:
@@ -176,8 +176,9 @@ def distance_to_real(figures, real):
     brains reach by chance, and the coherence gaps."""
     distances = {"sharpness": abs(math.log(max(figures["sharpness"], 1e-12))),
                  "z_faithfulness": 1 - figures["z_faithfulness"],
-                 "adjacent_ssim": abs(figures["adjacent_ssim"] - real["adjacent_ssim"]),
-                 "identity_correlation": abs(figures["identity_correlation"] - real["identity_correlation"])}
+                 "adjacent_ssim": abs(figures["adjacent_ssim"] - real["adjacent_ssim"])}
+    if "identity_correlation" in figures and "identity_correlation" in real:
+        distances["identity_correlation"] = abs(figures["identity_correlation"] - real["identity_correlation"])
     for name in ("frechet_distance", "tissue_wasserstein"):
         if name in figures:
             distances[name] = figures[name]

@@ -1,6 +1,6 @@
 """Train the brain critic (model_critic.py) on the real training slices, never on generated ones.
 
-    python train_critic.py                                   # the demo brains at 64x64, ~1-2 min on 2 cores
+    python train_critic.py                                   # the demo brains at 64x64, ~1 min on 2 cores
     python train_critic.py --DATA_DIR=/data/oasis --IMG_SIZE=256
     python train_critic.py --DATA_DIR=my_slices --SEGMENTATION=False   # data without seg folders: z only
 

@@ -1,6 +1,7 @@
-"""Second stage on the demo brains: quality from the runs `make` leaves behind, and sampling
-speed measured here (transformer prior with and without its KV cache; DDIM-50 against the full
-DDPM-1000 of the latent diffusion).
+"""Second stage on the demo brains: quality from the runs `make` leaves behind (nats per code,
+diffusion loss, predict.py's realism table), and sampling speed measured here (transformer
+prior with and without its KV cache; DDIM-50, DDPM respaced to 200 steps and the full DDPM-1000
+of the latent diffusion).
 
     make                                   # trains everything (or: the scripts one by one)
     .venv/bin/python bench/second_stage.py
@@ -20,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import realism  # noqa: E402
 from latent_dataset import load_latents  # noqa: E402
 from stable_diffusion import load_diffusion  # noqa: E402
 from train_viT import histogram_baseline, histogram_nats_per_code, load_prior  # noqa: E402
@@ -48,7 +50,7 @@ def warm_then_time(function):
 if __name__ == "__main__":
     torch.set_num_threads(THREADS)
     prior_summary, diffusion_summary = read_json("vqvae_prior_summary.json"), read_json("vqvae_diffusion_summary.json")
-    predict = read_json("vqvae_predict.json")
+    realism_results = read_json("vqvae_realism.json")
     latents = {split: load_latents(os.path.join(ROOT, "collected_latents"), "vqvae", split)
                for split in ("train", "validate", "test")}
     codes = {split: data["indices"] for split, data in latents.items()}
@@ -62,9 +64,8 @@ if __name__ == "__main__":
           f"   ({prior_summary['parameters'] / 1e6:.2f}M params, {prior_summary['train_seconds']:.0f} s training)")
     print(f"latent diffusion: test loss {diffusion_summary['test_loss']:.4f} "
           f"({diffusion_summary['parameters'] / 1e6:.2f}M params, {diffusion_summary['train_seconds']:.0f} s training)")
-    print("one generated volume (z = 0..31): mean best SSIM against test slices of the same z")
-    for name, score in predict["nearest_test_slice_ssim"].items():
-        print(f"  {name:22s} {score:.4f}")
+    print(f"realism (predict.py, {realism_results['volumes_per_sampler']} volumes per sampler):")
+    print(realism.format_table(realism_results))
 
     prior, _ = load_prior(os.path.join(ROOT, "model_ckpt", "vqvae_prior_best.pt"), "cpu")
     z = torch.arange(SAMPLES) % 32
@@ -76,6 +77,7 @@ if __name__ == "__main__":
     unet, diffusion, checkpoint = load_diffusion(os.path.join(ROOT, "model_ckpt", "vqvae_diffusion_best.pt"), "cpu")
     shape = (SAMPLES,) + tuple(checkpoint["stats"]["latent_shape"])
     ddim = warm_then_time(lambda: diffusion.sample_ddim(unet, shape, z, 50))
+    respaced = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, steps=200))
     ddpm = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z))
-    print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}: DDIM-50 {ddim:.2f} s, DDPM-1000 {ddpm:.2f} s "
-          f"({ddpm / ddim:.1f}x)")
+    print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}: DDIM-50 {ddim:.2f} s, DDPM-200 {respaced:.2f} s, "
+          f"DDPM-1000 {ddpm:.2f} s ({ddpm / ddim:.1f}x DDIM-50)")
