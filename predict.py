@@ -108,9 +108,10 @@ def plot_tsne(latents, z, brain, path):
                                     (axes[1], brain_rank, "brain", "tab20")):
         scatter = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=cmap, s=8)
         fig.colorbar(scatter, ax=ax, label=label)
-        ax.set_title(f"t-SNE of {FIRST_STAGE} latents ({SPLIT} split), coloured by {label}")
+        ax.set_title(f"coloured by {label}")
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle(f"t-SNE of {FIRST_STAGE} latents ({SPLIT} split): each brain's 32 slices form a path along z")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
