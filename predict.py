@@ -43,11 +43,11 @@ from train_viT import TEMPERATURE, TOP_K, load_prior
 FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STAGE>_prior / _diffusion
 SPLIT = "test"               # the split whose reconstruction SSIM and codebook usage are reported
 VOLUMES = 4                  # volumes drawn per sampler (the real sets have 8 brains each; 8 on a GPU)
-DDPM_STEPS = 200             # ancestral DDPM steps, respaced from the 1000 trained ones (config/predict_gpu.py:
+DDPM_STEPS = 150             # ancestral DDPM steps, respaced from the 1000 trained ones (config/predict_gpu.py:
                              # all 1000, as the original); 4 volumes x 1000 steps take ~4 min on 2 cores
 BLUR_SIGMA = 1.0             # control: validate blurred by a Gaussian of 1 px at 64x64 (scaled with the size)
 NOISE_STD = 0.1              # control: validate plus Gaussian noise of this std (images span [-1, 1])
-GIF_EVERY = 4                # keep every 4th DDPM state: 50 frames, as the original's every 20th of 1000
+GIF_EVERY = 3                # keep every 3rd DDPM state: 50 frames, as the original's every 20th of 1000
 GIF_FPS = 30
 GIF_HOLD_SECONDS = 1.0       # the last frame stays this long
 TSNE_POINTS = 1024           # latents in the t-SNE plot (at most; drawn evenly)
