@@ -1,6 +1,6 @@
 """Second stage on the demo brains: quality from the runs `make` leaves behind (nats per code,
 diffusion loss, predict.py's realism table), and sampling speed measured here (transformer
-prior with and without its KV cache; DDIM-50, DDPM respaced to 200 steps and the full DDPM-1000
+prior with and without its KV cache; DDIM-50, DDPM respaced to 150 steps (as predict.py on the CPU) and the full DDPM-1000
 of the latent diffusion).
 
     make                                   # trains everything (or: the scripts one by one)
@@ -77,7 +77,7 @@ if __name__ == "__main__":
     unet, diffusion, checkpoint = load_diffusion(os.path.join(ROOT, "model_ckpt", "vqvae_diffusion_best.pt"), "cpu")
     shape = (SAMPLES,) + tuple(checkpoint["stats"]["latent_shape"])
     ddim = warm_then_time(lambda: diffusion.sample_ddim(unet, shape, z, 50))
-    respaced = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, steps=200))
+    respaced = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, steps=150))
     ddpm = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z))
-    print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}: DDIM-50 {ddim:.2f} s, DDPM-200 {respaced:.2f} s, "
+    print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}: DDIM-50 {ddim:.2f} s, DDPM-150 {respaced:.2f} s, "
           f"DDPM-1000 {ddpm:.2f} s ({ddpm / ddim:.1f}x DDIM-50)")
