@@ -117,6 +117,10 @@ class GaussianDiffusion(nn.Module):
         noise = torch.randn((noise_groups, 1) + tuple(shape[1:]), device=device)
         return noise.expand((noise_groups, shape[0] // noise_groups) + tuple(shape[1:])).reshape(shape)
 
+    def _spaced_timesteps(self, steps, device=None):
+        """`steps` timesteps from num_timesteps - 1 down to 0, evenly spaced (both samplers' schedule)."""
+        return torch.linspace(self.num_timesteps - 1, 0, steps, device=device).round().long()
+
     def _predict_x0(self, model, x, t, z, x0_bound):
         """The model's estimate of x_0 from x_t, clipped to +-x0_bound (DDPM's `clip_denoised`,
         for data whose range is not [-1, 1])."""
@@ -140,7 +144,7 @@ class GaussianDiffusion(nn.Module):
         keep_every > 0, pure noise and every keep_every-th state after it (counted back from
         the last, which is always kept)."""
         steps = steps or self.num_timesteps
-        timesteps = torch.linspace(self.num_timesteps - 1, 0, steps, device=z.device).round().long()
+        timesteps = self._spaced_timesteps(steps, z.device)
         abars = self.alphas_cumprod[timesteps]
         abars_previous = torch.cat([abars[1:], abars.new_ones(1)])
         x = self._noise(shape, noise_groups, z.device)
@@ -163,7 +167,7 @@ class GaussianDiffusion(nn.Module):
         """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps; `noise_groups` as in
         sample_ddpm."""
         x = self._noise(shape, noise_groups, z.device)
-        timesteps = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
+        timesteps = self._spaced_timesteps(steps).tolist()
         for i, current in enumerate(timesteps):
             t = torch.full((shape[0],), current, device=z.device, dtype=torch.long)
             x0 = self._predict_x0(model, x, t, z, x0_bound)
