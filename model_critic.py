@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dataset
 import util
 from module import group_norm
 
@@ -72,6 +73,15 @@ def critic_run_name(data_dir, img_size):
 
 def critic_path(ckpt_dir, data_dir, img_size):
     return os.path.join(ckpt_dir, f"{critic_run_name(data_dir, img_size)}.pt")
+
+
+def load_first_stage_critic(first_stage_config, ckpt_dir, device):
+    """The critic of the data and image size a first stage was trained on: (critic, that data's
+    folder, the size)."""
+    data_dir = dataset.resolve_data_dir(first_stage_config["DATA_DIR"])
+    img_size = first_stage_config["IMG_SIZE"]
+    critic, _ = load_critic(critic_path(ckpt_dir, data_dir, img_size), device, data_dir, img_size)
+    return critic, data_dir, img_size
 
 
 def load_critic(path, device, data_dir=None, img_size=None):

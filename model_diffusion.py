@@ -1,4 +1,5 @@
-"""Latent diffusion: a small z-conditioned U-Net and the DDPM / DDIM machinery around it."""
+"""Latent diffusion: a small z-conditioned U-Net and the DDPM / DDIM machinery around it, with
+classifier-free guidance on z (Ho & Salimans 2022)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -6,11 +7,15 @@ from tqdm import tqdm
 
 from module import AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, group_norm
 
+NULL_Z = -1                  # the slice index that means "no z": the U-Net's unconditional branch
+
 
 class LatentUNet(nn.Module):
     """U-Net on first-stage latents. The timestep and the slice index z are embedded (sinusoid +
-    MLP) and summed into one condition vector that every res block receives. Per level: res
-    blocks (+ attention at the lowest level); skip connections are concatenated on the way up."""
+    MLP) and summed into one condition vector that every res block receives; z = NULL_Z adds
+    nothing (trained on a share of the steps, it gives classifier-free guidance its unconditional
+    prediction). Per level: res blocks (+ attention at the lowest level); skip connections are
+    concatenated on the way up."""
 
     def __init__(self, in_channels, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention=True,
                  num_timesteps=1000, num_z_positions=32):
@@ -50,10 +55,12 @@ class LatentUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, t, z):
-        """Noisy latents (B, C, h, w), timesteps (B,), slice indices (B,) -> the prediction (noise or v)."""
+        """Noisy latents (B, C, h, w), timesteps (B,), slice indices (B,) or NULL_Z -> the
+        prediction (noise or v)."""
         cond = self.time_embedding(t)
         if self.z_embedding is not None:
-            cond = cond + self.z_embedding(z)
+            known = (z != NULL_Z)[:, None]
+            cond = cond + self.z_embedding(z.clamp(min=0)) * known
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -96,8 +103,11 @@ class GaussianDiffusion(nn.Module):
         abar = self._at(self.alphas_cumprod, t)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def loss(self, model, x0, z, loss_type="mse", generator=None):
-        """Loss on the model's prediction (noise or v) at uniformly drawn timesteps."""
+    def loss(self, model, x0, z, loss_type="mse", generator=None, z_drop=0.0):
+        """Loss on the model's prediction (noise or v) at uniformly drawn timesteps; a share
+        z_drop of the items is told NULL_Z instead of its z (guidance's unconditional branch)."""
+        if z_drop:
+            z = torch.where(torch.rand(len(z), device=z.device, generator=generator) < z_drop, NULL_Z, z)
         t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         predicted = model(self.add_noise(x0, t, noise), t, z).float()
@@ -121,11 +131,17 @@ class GaussianDiffusion(nn.Module):
         """`steps` timesteps from num_timesteps - 1 down to 0, evenly spaced (both samplers' schedule)."""
         return torch.linspace(self.num_timesteps - 1, 0, steps, device=device).round().long()
 
-    def _predict_x0(self, model, x, t, z, x0_bound):
+    def _predict_x0(self, model, x, t, z, x0_bound, guidance=1.0):
         """The model's estimate of x_0 from x_t, clipped to +-x0_bound (DDPM's `clip_denoised`,
-        for data whose range is not [-1, 1])."""
+        for data whose range is not [-1, 1]). guidance w != 1: classifier-free guidance, the
+        unconditional prediction moved w times the way z moves it (one batch for both)."""
         abar = self._at(self.alphas_cumprod, t)
-        out = model(x, t, z).float()
+        if guidance == 1.0:
+            out = model(x, t, z).float()
+        else:
+            conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]),
+                                               torch.cat([z, torch.full_like(z, NULL_Z)])).float().chunk(2)
+            out = unconditional + guidance * (conditional - unconditional)
         if self.prediction == "eps":
             x0 = (x - (1 - abar).sqrt() * out) / abar.sqrt()
         else:
@@ -134,13 +150,13 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample_ddpm(self, model, shape, z, x0_bound=None, noise_groups=0, keep_every=0, progress=False,
-                    steps=None):
+                    steps=None, guidance=1.0):
         """Ancestral sampling, each step from the posterior q(x_prev | x_t, x_0) at the model's
         x_0: through all num_timesteps steps, or (`steps` fewer) through evenly spaced ones with
         the posterior of the respaced schedule (Nichol & Dhariwal 2021), the same arithmetic.
         `noise_groups` = G: the batch is G volumes one after another, each of whose slices
         share one noise trajectory (the original's way to make the 32 slices of a volume one
-        brain); 0: independent noise for every item. Returns the final latents and, with
+        brain); 0: independent noise for every item. `guidance`: see _predict_x0. Returns the final latents and, with
         keep_every > 0, pure noise and every keep_every-th state after it (counted back from
         the last, which is always kept)."""
         steps = steps or self.num_timesteps
@@ -151,7 +167,7 @@ class GaussianDiffusion(nn.Module):
         states = [x] if keep_every else []
         for i in tqdm(range(steps), desc=f"DDPM-{steps}", leave=False, disable=not progress):
             t = timesteps[i].expand(shape[0])
-            x0 = self._predict_x0(model, x, t, z, x0_bound)
+            x0 = self._predict_x0(model, x, t, z, x0_bound, guidance)
             abar, abar_previous = abars[i], abars_previous[i]
             beta = 1 - abar / abar_previous
             x = (beta * abar_previous.sqrt() * x0 + (1 - abar_previous) * (1 - beta).sqrt() * x) / (1 - abar)
@@ -163,14 +179,14 @@ class GaussianDiffusion(nn.Module):
         return x, states
 
     @torch.no_grad()
-    def sample_ddim(self, model, shape, z, steps=50, x0_bound=None, noise_groups=0):
-        """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps; `noise_groups` as in
-        sample_ddpm."""
+    def sample_ddim(self, model, shape, z, steps=50, x0_bound=None, noise_groups=0, guidance=1.0):
+        """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps; `noise_groups` and
+        `guidance` as in sample_ddpm."""
         x = self._noise(shape, noise_groups, z.device)
         timesteps = self._spaced_timesteps(steps).tolist()
         for i, current in enumerate(timesteps):
             t = torch.full((shape[0],), current, device=z.device, dtype=torch.long)
-            x0 = self._predict_x0(model, x, t, z, x0_bound)
+            x0 = self._predict_x0(model, x, t, z, x0_bound, guidance)
             abar = self._at(self.alphas_cumprod, t)
             eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
             abar_next = self.alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else self.alphas_cumprod.new_tensor(1.0)

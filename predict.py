@@ -31,13 +31,15 @@ import dataset
 import realism
 import util
 from latent_dataset import load_first_stage, load_latents
-from model_critic import critic_path, load_critic
+from model_critic import load_first_stage_critic
 from model_VAE import VQVAE
 from module import codebook_stats
 from pre_train import code_counts_per_position
 from pre_train import evaluate as first_stage_ssim
-from stable_diffusion import decode_latents, load_diffusion, sample_volumes
-from train_viT import TEMPERATURE, TOP_K, load_prior
+from stable_diffusion import decode_latents, load_diffusion
+from stable_diffusion import sample_volumes as diffusion_volumes
+from train_viT import load_prior
+from train_viT import sample_volumes as prior_volumes
 
 # ----------------------------------------------------------------------------- config
 FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STAGE>_prior / _diffusion
@@ -154,9 +156,7 @@ if __name__ == "__main__":
     device = util.get_device()
     collected = load_latents(LATENT_DIR, FIRST_STAGE, SPLIT)
     first_stage, first_stage_config = load_first_stage(collected["checkpoint"], device)
-    data_dir = dataset.resolve_data_dir(first_stage_config["DATA_DIR"])
-    img_size = first_stage_config["IMG_SIZE"]
-    critic, _ = load_critic(critic_path(CKPT_DIR, data_dir, img_size), device, data_dir, img_size)
+    critic, data_dir, img_size = load_first_stage_critic(first_stage_config, CKPT_DIR, device)
     loader = dataset.get_dataloader(SPLIT, 32, data_dir, img_size, shuffle=False)
     picture = os.path.join(VISUALIZE_DIR, FIRST_STAGE)
     os.makedirs(VISUALIZE_DIR, exist_ok=True)
@@ -195,14 +195,21 @@ if __name__ == "__main__":
             timed("gaussian", lambda: first_stage.sample(len(z), z, img_size))
         prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
         if os.path.isfile(prior_path):
-            prior, _ = load_prior(prior_path, device)
-            timed("prior", lambda: first_stage.decode_indices(prior.sample(z, TEMPERATURE, TOP_K), z))
+            prior, checkpoint = load_prior(prior_path, device)
+            if "sampling" not in checkpoint:
+                raise util.UserError(f"{prior_path} has no sampling settings (train_viT.py chooses them when it "
+                                     f"finishes); re-run train_viT.py to finish it")
+            timed("prior", lambda: prior_volumes(prior, first_stage, device, VOLUMES, **checkpoint["sampling"]))
         diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
         if os.path.isfile(diffusion_path):
             unet, diffusion, checkpoint = load_diffusion(diffusion_path, device)
             stats = checkpoint["stats"]
-            timed("diffusion_ddim50", lambda: sample_volumes(unet, diffusion, first_stage, stats, device,
-                                                             VOLUMES, steps=50))
+            if "guidance" not in checkpoint:
+                raise util.UserError(f"{diffusion_path} has no guidance scale (stable_diffusion.py chooses it when it "
+                                     f"finishes); re-run stable_diffusion.py to finish it")
+            guidance = checkpoint["guidance"]
+            timed("diffusion_ddim50", lambda: diffusion_volumes(unet, diffusion, first_stage, stats, device,
+                                                                VOLUMES, steps=50, guidance=guidance))
             gif_states = []
 
             def ddpm_volumes():
@@ -210,7 +217,8 @@ if __name__ == "__main__":
                 first volume's states (every GIF_EVERY-th) are kept for the GIF."""
                 latents, states = diffusion.sample_ddpm(unet, (len(z),) + tuple(stats["latent_shape"]), z,
                                                         x0_bound=stats["x0_bound"], noise_groups=VOLUMES,
-                                                        keep_every=GIF_EVERY, progress=True, steps=DDPM_STEPS)
+                                                        keep_every=GIF_EVERY, progress=True, steps=DDPM_STEPS,
+                                                        guidance=guidance)
                 gif_states.extend(state[:NUM_Z] for state in states)
                 return decode_latents(first_stage, latents, stats, z)
 

@@ -222,6 +222,32 @@ def evaluate_sources(sources, critic, train_volumes, test_volumes):
     return results
 
 
+SELECTION_METRICS = ("frechet_distance", "tissue_wasserstein", "sharpness", "diversity_ssim", "z_faithfulness")
+
+
+def choose_setting(sample, settings, critic, validate_volumes, train_volumes):
+    """Pick a sampler's setting (temperature, guidance scale, ...) on the validate split, never on
+    test: sample(setting) -> volumes (V, Z, 1, H, W); each setting's volumes are scored against
+    the real validate brains, and the setting with the best mean rank over SELECTION_METRICS
+    (distances to real: Frechet, tissue, |log sharpness|, |log diversity|, share off z; diversity
+    keeps a strong guidance from trading variety for fidelity) wins. Returns (the best
+    setting, [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
+    reference = reference_description(validate_volumes, critic, train_volumes)
+    real = score(reference, reference)
+    real["memorisation_by_chance"] = 1 / (len(validate_volumes) + 1)
+    rows = []
+    for setting in settings:
+        figures = score(describe(sample(setting), critic, train_volumes), reference)
+        rows.append({"setting": setting, "figures": figures, "distance_to_real": distance_to_real(figures, real)})
+    metrics = [m for m in SELECTION_METRICS if all(m in row["distance_to_real"] for row in rows)]
+    for metric in metrics:
+        ranks = stats.rankdata([row["distance_to_real"][metric] for row in rows])
+        for row, rank in zip(rows, ranks):
+            row["mean_rank"] = row.get("mean_rank", 0.0) + rank / len(metrics)
+    best = min(rows, key=lambda row: row["mean_rank"])      # the first listed wins a tie
+    return best["setting"], rows
+
+
 def format_table(results, reference="real test"):
     """The results of evaluate_sources as one text table: figure +- jackknife spread per source,
     and the reference brains' own figures in the last row."""

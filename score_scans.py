@@ -27,7 +27,7 @@ import dataset
 import realism
 import util
 from latent_dataset import load_first_stage
-from model_critic import critic_path, load_critic
+from model_critic import load_first_stage_critic
 from pre_train import evaluate as first_stage_ssim
 
 # ----------------------------------------------------------------------------- config
@@ -65,8 +65,7 @@ if __name__ == "__main__":
                              "folder; dataset.py --NIFTI_FILES=... --NIFTI_SPLIT=test makes one from NIfTI volumes)")
     device = util.get_device()
     first_stage, config = load_first_stage(os.path.join(CKPT_DIR, f"{FIRST_STAGE}_best.pt"), device)
-    img_size, home_dir = config["IMG_SIZE"], dataset.resolve_data_dir(config["DATA_DIR"])
-    critic, _ = load_critic(critic_path(CKPT_DIR, home_dir, img_size), device, home_dir, img_size)
+    critic, home_dir, img_size = load_first_stage_critic(config, CKPT_DIR, device)
     scans = dataset.OasisSlices(SPLIT, DATA_DIR, img_size)
     volumes = scans.volumes()
     brains = np.unique(scans.brains)

@@ -12,7 +12,8 @@ and per element, which 48 brains cannot estimate). An exponential moving average
 is what gets evaluated and sampled. Each epoch: log, validate-split loss at fixed timesteps and
 noise, model_ckpt/<run>_{last,best}.pt, and a grid of one sampled volume (z = 0..31 sharing one
 noise trajectory, DDIM) decoded by the first stage (VQVAE: each vector snapped to its nearest
-code first). Re-running resumes. At the end: test loss once, log/<run>_summary.json.
+code first). Re-running resumes. At the end: the guidance scale is chosen on validate, test
+loss once, log/<run>_summary.json.
 """
 import copy
 import json
@@ -25,9 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import dataset
+import realism
 import util
 from latent_dataset import load_first_stage, load_latents
 from logger import TrainingLog
+from model_critic import load_first_stage_critic
 from model_diffusion import GaussianDiffusion, LatentUNet
 from model_VAE import VQVAE
 
@@ -39,6 +42,12 @@ CHANNEL_MULTS = (1, 2)
 RES_BLOCKS = 1               # res blocks per level (the up path has one more, for the skips)
 ATTENTION = True             # self-attention at the lowest level and in the middle
 Z_CONDITIONING = True        # embed the slice index z into every res block
+Z_DROP = 0.1                 # share of training latents told no z (model_diffusion.NULL_Z): the unconditional
+                             # branch that classifier-free guidance needs
+GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # guidance scales tried after training (1 = plain conditional);
+                             # the one whose DDIM samples score best on validate (realism.choose_setting, brain
+                             # critic needed) goes into the best checkpoint for predict.py; one scale: no search
+SWEEP_VOLUMES = 4            # volumes sampled per scale for that choice
 NUM_TIMESTEPS = 1000
 BETA_START = 1e-4            # linear beta schedule, as the original
 BETA_END = 0.02
@@ -132,14 +141,31 @@ def evaluate(model, diffusion, latents, z, device, seed):
 
 
 @torch.no_grad()
-def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, steps=SAMPLE_STEPS):
-    """`volumes` volumes of 32 slices (z = 0..31) by DDIM, each volume's slices sharing one noise
-    trajectory, decoded to images (volumes * 32, 1, H, W). `model`: an EMA U-Net in eval mode;
-    `stats`: the latent normalisation ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
+def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, steps=SAMPLE_STEPS, guidance=1.0):
+    """`volumes` volumes of 32 slices (z = 0..31) by DDIM with classifier-free guidance scale
+    `guidance`, each volume's slices sharing one noise trajectory, decoded to images
+    (volumes * 32, 1, H, W). `model`: an EMA U-Net in eval mode; `stats`: the latent
+    normalisation ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
     z = torch.arange(NUM_Z, device=device).repeat(volumes)
     latents = diffusion.sample_ddim(model, (len(z),) + tuple(stats["latent_shape"]), z, steps,
-                                    x0_bound=stats["x0_bound"], noise_groups=volumes)
+                                    x0_bound=stats["x0_bound"], noise_groups=volumes, guidance=guidance)
     return decode_latents(first_stage, latents, stats, z)
+
+
+def choose_guidance(model, diffusion, first_stage, first_stage_config, stats, device):
+    """The scale of GUIDANCE_SCALES whose DDIM samples score best on the validate brains
+    (realism.choose_setting): (scale, the scored rows)."""
+    if len(GUIDANCE_SCALES) == 1:
+        return GUIDANCE_SCALES[0], []
+    critic, data_dir, img_size = load_first_stage_critic(first_stage_config, CKPT_DIR, device)
+    train_volumes, validate_volumes = (dataset.OasisSlices(split, data_dir, img_size).volumes()
+                                       for split in ("train", "validate"))
+
+    def sample(scale):
+        images = sample_volumes(model, diffusion, first_stage, stats, device, SWEEP_VOLUMES, guidance=scale)
+        return images.float().cpu().view(SWEEP_VOLUMES, NUM_Z, *images.shape[1:])
+
+    return realism.choose_setting(sample, GUIDANCE_SCALES, critic, validate_volumes, train_volumes)
 
 
 if __name__ == "__main__":
@@ -149,6 +175,13 @@ if __name__ == "__main__":
         raise util.UserError(f"LOSS must be 'mse' or 'l1', got {LOSS!r}")
     if not 0 <= EMA_DECAY < 1:
         raise util.UserError(f"EMA_DECAY must be in [0, 1), got {EMA_DECAY}")
+    if not 0 <= Z_DROP < 1:
+        raise util.UserError(f"Z_DROP must be in [0, 1), got {Z_DROP}")
+    if not GUIDANCE_SCALES or min(GUIDANCE_SCALES) < 0:
+        raise util.UserError(f"GUIDANCE_SCALES must hold scales >= 0 (1 = no guidance), got {GUIDANCE_SCALES}")
+    if set(GUIDANCE_SCALES) != {1.0} and not (Z_CONDITIONING and Z_DROP > 0):
+        raise util.UserError(f"GUIDANCE_SCALES {GUIDANCE_SCALES} need an unconditional branch: Z_CONDITIONING=True "
+                             f"and Z_DROP > 0 (e.g. 0.1), or GUIDANCE_SCALES=(1.0,)")
     run_name = RUN_NAME or f"{FIRST_STAGE}_diffusion"
     device = util.setup_distributed()
     world_size, rank = util.world_size_and_rank()
@@ -202,7 +235,7 @@ if __name__ == "__main__":
         for latents, z in progress:
             for group in optimizer.param_groups:
                 group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
-            loss = diffusion.loss(model, latents.to(device), z.to(device), LOSS)
+            loss = diffusion.loss(model, latents.to(device), z.to(device), LOSS, z_drop=Z_DROP)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -241,9 +274,15 @@ if __name__ == "__main__":
     if is_main:
         best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
         ema_unet.load_state_dict(best["ema_model"])
+        search_start = time.time()
+        guidance, search = choose_guidance(ema_unet, diffusion, first_stage, train["config"], stats, device)
+        best["guidance"] = guidance        # what predict.py samples with
+        util.save_checkpoint(best, best_path)
+        print(f"guidance scale chosen on validate: {guidance} ({len(search)} scales scored in "
+              f"{time.time() - search_start:.0f} s)")
         test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
         sample_start = time.time()
-        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device)
+        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, guidance=guidance)
         sample_seconds = time.time() - sample_start
         util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
         summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
@@ -251,6 +290,7 @@ if __name__ == "__main__":
                    "test_loss": evaluate(ema_unet, diffusion, normalise(diffusion_latents(test)), test["z"], device,
                                          SEED),
                    f"sample_seconds_32_slices_ddim{SAMPLE_STEPS}": sample_seconds,
+                   "guidance": guidance, "guidance_search": search,
                    "train_seconds": train_seconds, "parameters": sum(p.numel() for p in unet.parameters()),
                    "device": str(device), "processes": world_size, "config": config}
         with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:

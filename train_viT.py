@@ -26,9 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import dataset
+import realism
 import util
 from latent_dataset import load_first_stage, load_latents
 from logger import TrainingLog
+from model_critic import load_first_stage_critic
 from pre_train import code_counts_per_position
 
 # ----------------------------------------------------------------------------- config (CPU preset)
@@ -43,8 +45,11 @@ BATCH_SIZE = 32              # per process
 LR = 1e-3
 MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
 WEIGHT_DECAY = 0.1
-TEMPERATURE = 1.0            # sampling: softmax temperature
-TOP_K = 0                    # sampling: keep the k likeliest codes at each step (0 = all)
+TEMPERATURES = (1.0, 0.9)    # sampling: softmax temperatures tried ...
+TOP_KS = (0, 64)             # ... with keeping the k likeliest codes at each step (0 = all); after training
+                             # the pair whose samples score best on validate (realism.choose_setting, brain
+                             # critic needed) goes into the best checkpoint for predict.py; one pair: no search
+SWEEP_VOLUMES = 4            # volumes sampled per pair for that choice
 GRID_EVERY = 3               # epochs between sample grids (32 slices, ~4 s here), and one of the best at the end
 HISTOGRAM_PSEUDO_COUNTS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)   # the histogram baseline's smoothing,
                              # the one best on validate (add-one overstated the prior's lead by ~20%)
@@ -60,13 +65,16 @@ NUM_Z = dataset.SLICES_PER_BRAIN
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention. With a `cache` dict (sampling) the keys and values of
-    earlier positions are kept, so each new token costs one position's work."""
+    earlier positions are kept, so each new token costs one position's work. Dropout acts on the
+    output, not on the attention weights: with those, PyTorch's CPU attention falls back to its
+    slow kernel (a training step took 1.7x as long here)."""
 
     def __init__(self, dim, num_heads, dropout):
         super().__init__()
-        self.num_heads, self.dropout = num_heads, dropout
+        self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, cache=None):
         q, k, v = rearrange(self.qkv(x), "b n (three heads d) -> three b heads n d", three=3, heads=self.num_heads)
@@ -75,9 +83,8 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         # a cached step's query is the newest position: it may see every key, so no mask
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(rearrange(out, "b heads n d -> b n (heads d)"))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
+        return self.dropout(self.proj(rearrange(out, "b heads n d -> b n (heads d)")))
 
 
 class TransformerBlock(nn.Module):
@@ -166,12 +173,12 @@ def prior_args(config, num_codes, grid_shape):
                              f"for N_HEAD={config['N_HEAD']}; got N_EMBD={config['N_EMBD']}")
     if not 0 <= config["DROPOUT"] < 1:
         raise util.UserError(f"DROPOUT must be in [0, 1), got {config['DROPOUT']}")
-    if config["TEMPERATURE"] <= 0:
-        raise util.UserError(f"TEMPERATURE must be above 0 (1.0 samples the learned distribution), "
-                             f"got {config['TEMPERATURE']}")
-    if not 0 <= config["TOP_K"] <= num_codes:
-        raise util.UserError(f"TOP_K must be between 0 (all codes) and the first stage's {num_codes} codes, "
-                             f"got {config['TOP_K']}")
+    if not config["TEMPERATURES"] or min(config["TEMPERATURES"]) <= 0:
+        raise util.UserError(f"TEMPERATURES must hold temperatures above 0 (1.0 samples the learned "
+                             f"distribution), got {config['TEMPERATURES']}")
+    if not config["TOP_KS"] or not all(0 <= k <= num_codes for k in config["TOP_KS"]):
+        raise util.UserError(f"TOP_KS must hold values between 0 (all codes) and the first stage's {num_codes} "
+                             f"codes, got {config['TOP_KS']}")
     return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
                 num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
                 dropout=config["DROPOUT"])
@@ -221,14 +228,29 @@ def evaluate(prior, loader, device):
 
 
 @torch.no_grad()
-def save_samples(prior, first_stage, device, path):
-    """32 slices, z = 0..31, sampled by the prior and decoded by the first stage, as one grid."""
-    prior.eval()
-    z = torch.arange(NUM_Z, device=device)
-    codes = prior.sample(z, TEMPERATURE, TOP_K)
-    util.save_image_grid(first_stage.decode_indices(codes, z), path)
-    prior.train()
-    return codes
+def sample_volumes(prior, first_stage, device, volumes=1, temperature=1.0, top_k=0):
+    """`volumes` x 32 slices (z = 0..31) drawn by the prior and decoded: (volumes * 32, 1, H, W).
+    Each slice is drawn on its own, so a volume's slices are not one brain."""
+    z = torch.arange(NUM_Z, device=device).repeat(volumes)
+    return first_stage.decode_indices(prior.sample(z, temperature, top_k), z)
+
+
+def choose_sampling(prior, first_stage, first_stage_config, device):
+    """The (temperature, top-k) pair of TEMPERATURES x TOP_KS whose samples score best on the
+    validate brains (realism.choose_setting): ({"temperature", "top_k"}, the scored rows)."""
+    settings = [(t, k) for t in TEMPERATURES for k in TOP_KS]
+    if len(settings) == 1:
+        return {"temperature": settings[0][0], "top_k": settings[0][1]}, []
+    critic, data_dir, img_size = load_first_stage_critic(first_stage_config, CKPT_DIR, device)
+    train_volumes, validate_volumes = (dataset.OasisSlices(split, data_dir, img_size).volumes()
+                                       for split in ("train", "validate"))
+
+    def sample(setting):
+        images = sample_volumes(prior, first_stage, device, SWEEP_VOLUMES, *setting)
+        return images.float().cpu().view(SWEEP_VOLUMES, NUM_Z, *images.shape[1:])
+
+    (temperature, top_k), rows = realism.choose_setting(sample, settings, critic, validate_volumes, train_volumes)
+    return {"temperature": temperature, "top_k": top_k}, rows
 
 
 if __name__ == "__main__":
@@ -294,8 +316,10 @@ if __name__ == "__main__":
             val_loss = evaluate(prior, validate_loader, device)
             log.write(step - 1, {"val_loss": val_loss})
             if (epoch + 1) % GRID_EVERY == 0:
-                save_samples(prior, first_stage, device,
-                             os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
+                prior.eval()
+                util.save_image_grid(sample_volumes(prior, first_stage, device),
+                                     os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
+                prior.train()
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
             checkpoint = {"config": config, "model_args": model_args, "model": prior.state_dict(),
@@ -314,10 +338,18 @@ if __name__ == "__main__":
     if is_main:
         best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
         prior.load_state_dict(best["model"])
+        prior.eval()
+        search_start = time.time()
+        sampling, search = choose_sampling(prior, first_stage, train["config"], device)
+        best["sampling"] = sampling        # what predict.py samples with
+        util.save_checkpoint(best, best_path)
+        print(f"sampling chosen on validate: temperature {sampling['temperature']}, top-k {sampling['top_k']} "
+              f"({len(search)} pairs scored in {time.time() - search_start:.0f} s)")
         test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
         test_loader = util.make_loader(torch.utils.data.TensorDataset(test["indices"], test["z"]), 64, shuffle=False)
         sample_start = time.time()
-        samples = save_samples(prior, first_stage, device, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
+        util.save_image_grid(sample_volumes(prior, first_stage, device, **sampling),
+                             os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
         sample_seconds = time.time() - sample_start
         histogram_nats, pseudo_count = histogram_baseline(train["indices"], validate["indices"], test["indices"],
                                                           model_args["num_codes"])
@@ -325,8 +357,9 @@ if __name__ == "__main__":
                    "test_nats_per_code": evaluate(prior, test_loader, device),
                    "test_nats_per_code_histogram": histogram_nats, "histogram_pseudo_count": pseudo_count,
                    "uniform_nats_per_code": math.log(model_args["num_codes"]),
-                   "sample_seconds_32_slices": sample_seconds,
-                   "distinct_codes_in_samples": len(samples.unique()),
+                   "sample_seconds_32_slices": sample_seconds, "sampling": sampling,
+                   "sampling_search": [{**row, "setting": {"temperature": row["setting"][0], "top_k": row["setting"][1]}}
+                                       for row in search],
                    "train_seconds": train_seconds, "parameters": sum(p.numel() for p in prior.parameters()),
                    "device": str(device), "processes": world_size, "config": config}
         with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:

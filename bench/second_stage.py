@@ -76,8 +76,9 @@ if __name__ == "__main__":
 
     unet, diffusion, checkpoint = load_diffusion(os.path.join(ROOT, "model_ckpt", "vqvae_diffusion_best.pt"), "cpu")
     shape = (SAMPLES,) + tuple(checkpoint["stats"]["latent_shape"])
-    ddim = warm_then_time(lambda: diffusion.sample_ddim(unet, shape, z, 50))
-    respaced = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, steps=150))
-    ddpm = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z))
-    print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}: DDIM-50 {ddim:.2f} s, DDPM-150 {respaced:.2f} s, "
-          f"DDPM-1000 {ddpm:.2f} s ({ddpm / ddim:.1f}x DDIM-50)")
+    guidance = checkpoint["guidance"]      # chosen on validate; any scale but 1 doubles the batch
+    ddim = warm_then_time(lambda: diffusion.sample_ddim(unet, shape, z, 50, guidance=guidance))
+    respaced = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, steps=150, guidance=guidance))
+    ddpm = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, guidance=guidance))
+    print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}, guidance {guidance:g}: DDIM-50 {ddim:.2f} s, "
+          f"DDPM-150 {respaced:.2f} s, DDPM-1000 {ddpm:.2f} s ({ddpm / ddim:.1f}x DDIM-50)")

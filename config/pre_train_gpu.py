@@ -22,3 +22,4 @@ EPOCHS = 40                      # demo brains: 48 steps an epoch; OASIS (9,664 
 LR = 5e-4
 GAN_START_STEP = 960
 GAN_WEIGHT = 0.1
+RANDOM_LATENTS = 32              # one random latent per image, as the original and as measured on the H200

@@ -161,7 +161,7 @@ def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
     import pre_train
     from model_discriminator import adaptive_gan_weight
     # weights at which every term is far above float rounding, so a dropped one shows
-    for name, value in {"KL_WEIGHT": 0.01, "GAN_WEIGHT": 1.0, "IMG_SIZE": 32}.items():
+    for name, value in {"KL_WEIGHT": 0.01, "GAN_WEIGHT": 1.0, "IMG_SIZE": 32, "RANDOM_LATENTS": 2}.items():
         monkeypatch.setattr(pre_train, name, value)
     config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
     config.update(MODE=mode, BASE_CHANNELS=16, NUM_CODES=32, CODE_DIM=4, LATENT_CHANNELS=4, DISC_CHANNELS=8)
@@ -177,9 +177,9 @@ def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
 
     torch.manual_seed(1)            # the VAE's posterior sample, then the random latents, as above
     reconstruction, regulariser, _ = model(images, zs)
-    generated = model.decode(pre_train.random_latents(model, histogram, len(images), "cpu"), zs)
+    generated = model.decode(pre_train.random_latents(model, histogram, 2, "cpu"), zs[:2])   # RANDOM_LATENTS
     rec_loss = (reconstruction - images).abs().mean()
-    g_loss, g_random_loss = -discriminator(reconstruction, zs).mean(), -discriminator(generated, zs).mean()
+    g_loss, g_random_loss = -discriminator(reconstruction, zs).mean(), -discriminator(generated, zs[:2]).mean()
     gan_term = adaptive_gan_weight(rec_loss, g_loss, model.last_layer_weight) * (g_loss + g_random_loss)
     regulariser_term = regulariser * (1.0 if mode == "VQVAE" else pre_train.kl_weight(step))
     assert min(regulariser_term.item(), abs(gan_term.item())) > 0.01 * rec_loss.item()

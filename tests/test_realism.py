@@ -204,3 +204,17 @@ def test_coherence_catches_volumes_made_of_unrelated_brains(brains, controls):
     real = controls["sources"]["real_validate"]
     assert entry["figures"]["adjacent_ssim"] < real["figures"]["adjacent_ssim"]
     assert entry["figures"]["identity_correlation"] < 0.2 < real["figures"]["identity_correlation"]
+
+
+# ----------------------------------------------------------------------------- choosing a sampler's setting
+def test_choose_setting_picks_the_real_looking_setting_on_validate(brains):
+    """A 'sampler' whose setting is a blur width (0 = the real test brains themselves) must be
+    set to 0 when scored against the validate brains; a wider blur must rank worse."""
+    def sample(sigma):
+        return brains["test"] if sigma == 0 else blurred(brains["test"], sigma)
+
+    best, rows = realism.choose_setting(sample, (1.5, 0, 0.7), brains["critic"], brains["validate"], brains["train"])
+    assert best == 0
+    ranks = {row["setting"]: row["mean_rank"] for row in rows}
+    assert ranks[0] < ranks[0.7] < ranks[1.5]
+    assert all(set(realism.SELECTION_METRICS) <= set(row["distance_to_real"]) for row in rows)

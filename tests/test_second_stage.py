@@ -17,7 +17,7 @@ import dataset
 import util
 from latent_dataset import load_first_stage
 from logger import read_log
-from model_diffusion import GaussianDiffusion, LatentUNet
+from model_diffusion import NULL_Z, GaussianDiffusion, LatentUNet
 from realism import METRICS
 from stable_diffusion import diffusion_latents, load_diffusion
 from train_viT import CodePrior, histogram_baseline, load_prior, nats_per_code
@@ -32,8 +32,12 @@ LEARNED_VQVAE = ["--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3", "--GAN_START_STEP=
 # 4 + 8 + 16 = 28 features, fewer than the 32 slices of the one test brain: a Frechet distance
 TINY_CRITIC = ["--IMG_SIZE=32", "--EPOCHS=2", "--CHANNELS=(4, 8, 16)", "--BATCH_SIZE=16"]
 TINY_PREDICT = ["--VOLUMES=2", "--TSNE_POINTS=64", "--DDPM_STEPS=100"]
-TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3"]
-TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5"]
+TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3",
+              "--SWEEP_VOLUMES=2", "--TOP_KS=(0, 8)"]
+TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5",
+                  "--SWEEP_VOLUMES=2"]
+# runs whose CKPT_DIR holds no brain critic sample with one setting, which needs no search on validate
+NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_KS=(0,)"], "stable_diffusion.py": ["--GUIDANCE_SCALES=(1.0,)"]}
 
 
 def run_script(name, argv):
@@ -153,6 +157,27 @@ def test_unet_shapes_zero_start_and_z_effect():
     assert not torch.allclose(out, unet(x, torch.tensor([50, 40]), torch.tensor([0, 1])), atol=1e-5)
 
 
+def test_null_z_drops_the_condition_and_guidance_extrapolates_from_it():
+    torch.manual_seed(0)
+    unet = LatentUNet(in_channels=4, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_timesteps=100)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    x, t, z = torch.randn(2, 4, 8, 8), torch.tensor([5, 90]), torch.tensor([3, 17])
+    null = torch.full_like(z, NULL_Z)
+    unconditional = unet(x, t, null)
+    z_embedding, unet.z_embedding = unet.z_embedding, None      # the same U-Net without any z input
+    assert torch.allclose(unconditional, unet(x, t, z), atol=1e-6)
+    unet.z_embedding = z_embedding
+    diffusion = GaussianDiffusion(100)
+    with torch.no_grad():
+        conditional_x0 = diffusion._predict_x0(unet, x, t, z, None)
+        unconditional_x0 = diffusion._predict_x0(unet, x, t, null, None)
+        guided_x0 = diffusion._predict_x0(unet, x, t, z, None, guidance=2.5)
+        assert torch.allclose(diffusion._predict_x0(unet, x, t, z, None, guidance=0.0), unconditional_x0, atol=1e-5)
+    assert not torch.allclose(conditional_x0, unconditional_x0, atol=1e-3)
+    # x_0 is affine in the prediction, so guidance extrapolates x_0 the same way
+    assert torch.allclose(guided_x0, unconditional_x0 + 2.5 * (conditional_x0 - unconditional_x0), atol=1e-5)
+
+
 def test_noise_schedule_matches_ddpm_formulas():
     diffusion = GaussianDiffusion(1000, 1e-4, 0.02)
     betas = np.linspace(1e-4, 0.02, 1000)
@@ -259,7 +284,7 @@ def test_latent_dataset_writes_each_split_in_order(first_stage_dir, demo_dir):
 
 
 def test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises(first_stage_dir, tmp_path):
-    arguments = second_stage_args(first_stage_dir, *TINY_PRIOR, "--LR=5e-3", f"--CKPT_DIR={tmp_path}",
+    arguments = second_stage_args(first_stage_dir, *TINY_PRIOR, *NO_SEARCH["train_viT.py"], "--LR=5e-3", f"--CKPT_DIR={tmp_path}",
                                   f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")
     run_script("train_viT.py", arguments + ["--EPOCHS=7"])
     val = read_log(str(tmp_path / "vqvae_prior.log"))["val_loss"][1]
@@ -299,6 +324,12 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     val = log["val_loss"][1]
     assert len(val) == 6 and val[-1] < 0.9 * val[0]
     run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=1", *TINY_PRIOR))
+    # each sampler's setting was chosen on validate: the best mean rank over the searched ones
+    for run, setting, options in (("prior", "sampling", 4), ("diffusion", "guidance", 3)):
+        summary = json.loads((first_stage_dir / "log" / f"vqvae_{run}_summary.json").read_text())
+        search = summary[f"{setting}_search"]
+        assert len(search) == options and min(search, key=lambda row: row["mean_rank"])["setting"] == summary[setting]
+        assert util.load_checkpoint(str(first_stage_dir / "ckpt" / f"vqvae_{run}_best.pt"))[setting] == summary[setting]
     run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--GIF_EVERY=10"))
     results = json.loads((first_stage_dir / "log" / "vqvae_predict.json").read_text())
     assert 0 < results["ssim"] <= 1 and 0 < results["codebook_usage"] <= 1
@@ -336,7 +367,8 @@ def test_diffusion_learns_to_use_its_timestep_and_z(first_stage_dir, tmp_path):
     """Told a wrong t or z, the trained U-Net must do clearly worse on validate latents (it did
     11% and 26% worse); a U-Net that ignores t or z would not."""
     run_script("stable_diffusion.py", second_stage_args(
-        first_stage_dir, *TINY_DIFFUSION, "--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3", "--EMA_DECAY=0.9",
+        first_stage_dir, *TINY_DIFFUSION, *NO_SEARCH["stable_diffusion.py"], "--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3",
+        "--EMA_DECAY=0.9",
         f"--CKPT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"))
     unet, diffusion, checkpoint = load_diffusion(str(tmp_path / "vqvae_diffusion_best.pt"), "cpu")
     validate = util.load_checkpoint(str(first_stage_dir / "latents" / "vqvae_validate.pt"))
@@ -364,7 +396,8 @@ def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
     port = 29531 if script == "train_viT.py" else 29532
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              f"--master_port={port}", os.path.join(ROOT, script),
-                             *second_stage_args(first_stage_dir, "--EPOCHS=1", *extra, f"--CKPT_DIR={tmp_path}",
+                             *second_stage_args(first_stage_dir, "--EPOCHS=1", *extra, *NO_SEARCH[script],
+                                                f"--CKPT_DIR={tmp_path}",
                                                 f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

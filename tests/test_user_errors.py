@@ -64,6 +64,8 @@ def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
      "TRAIN_SPLIT must be one of train, train_and_validate, got 'test'"),
     ("train_viT.py", ["--EPOCHS=-1"], "EPOCHS must be a positive integer, got -1"),
     ("stable_diffusion.py", ["--LOSS=MSE"], "LOSS must be 'mse' or 'l1', got 'MSE'"),   # once silently L1
+    ("stable_diffusion.py", ["--Z_DROP=0.0"], "GUIDANCE_SCALES (1.0, 2.0, 3.0) need an unconditional branch: "
+     "Z_CONDITIONING=True and Z_DROP > 0"),
 ])
 def test_training_constants_are_checked_before_anything_is_read(tmp_path, script, argv, message):
     # run in an empty folder: no data, checkpoint or latents to read before the check
@@ -143,15 +145,15 @@ def test_discriminator_needs_three_pixels_after_its_downsamplings():
 
 
 def test_prior_rules():
-    args = train_viT.prior_args(dict(PRIOR_CONFIG, N_EMBD=48, N_HEAD=6), 32, (4, 4))
+    args = train_viT.prior_args(dict(PRIOR_CONFIG, N_EMBD=48, N_HEAD=6, TOP_KS=(0, 8)), 32, (4, 4))
     prior = train_viT.CodePrior(**args)
     assert prior(torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([0, 1])).shape == (2, 16, 32)
     for changes, message in [({"N_EMBD": 50, "N_HEAD": 4}, "N_EMBD must be divisible by N_HEAD .* e.g. N_EMBD=48 for "
                                                            "N_HEAD=4; got N_EMBD=50"),
                              ({"N_HEAD": 0}, "N_HEAD must be a positive integer"),
                              ({"DROPOUT": 1.0}, r"DROPOUT must be in \[0, 1\)"),
-                             ({"TEMPERATURE": 0.0}, "TEMPERATURE must be above 0"),
-                             ({"TOP_K": 33}, "TOP_K must be between 0 .* 32 codes, got 33")]:
+                             ({"TEMPERATURES": (1.0, 0.0)}, "TEMPERATURES must hold temperatures above 0"),
+                             ({"TOP_KS": (0, 33)}, r"TOP_KS must hold values between 0 .* 32 codes, got \(0, 33\)")]:
         with pytest.raises(util.UserError, match=message):
             train_viT.prior_args(dict(PRIOR_CONFIG, **changes), 32, (4, 4))
 
