@@ -9,9 +9,10 @@ start token made from z, so the logits at position i predict code i from z and c
 Training minimises cross-entropy on collected_latents/<FIRST_STAGE>_train.pt; each epoch logs,
 scores the validate split (nats per code), saves model_ckpt/<run>_{last,best}.pt and a grid of
 32 sampled slices (z = 0..31) decoded by the first stage to visualize/. Re-running resumes.
-At the end the best epoch is scored once on the test split, next to the per-position code
-histogram the first stage samples from (smoothed with the pseudo-count that scores best on
-validate), and log/<run>_summary.json is written.
+At the end the best epoch's sampling temperature and top-k are chosen on validate by the
+realism metrics (stored in its checkpoint for predict.py); it is scored once on the test split,
+next to the per-position code histogram the first stage samples from (smoothed with the
+pseudo-count that scores best on validate), and log/<run>_summary.json is written.
 """
 import json
 import math
