@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 import dataset
 import util
-from model_VAE import VQVAE
-from pre_train import build_model
+from model_VAE import VQVAE, load_first_stage
 
 # ----------------------------------------------------------------------------- config
 FIRST_STAGE = "vqvae"        # run name of the first stage: reads model_ckpt/<FIRST_STAGE>_best.pt
@@ -27,22 +26,6 @@ SPLITS = ("train", "validate", "test")
 BATCH_SIZE = 64
 CKPT_DIR = "model_ckpt"
 LATENT_DIR = "collected_latents"
-
-
-def load_first_stage(path, device):
-    """A first-stage checkpoint (model_ckpt/<run>_best.pt), rebuilt and in eval mode: (model, config).
-    The second-stage scripts pass the path stored with the latents, so they decode with the very
-    model that encoded them."""
-    if not os.path.isfile(path):
-        run = os.path.basename(path).removesuffix("_best.pt")
-        command = {"vqvae": "python pre_train.py", "vae": "python pre_train.py --MODE=VAE"}.get(
-            run, f"python pre_train.py --RUN_NAME={run}")
-        raise util.UserError(f"first-stage checkpoint {path} does not exist; train it first ({command}) "
-                             f"or set FIRST_STAGE / CKPT_DIR")
-    checkpoint = util.load_checkpoint(path)
-    model = build_model(checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval().requires_grad_(False), checkpoint["config"]
 
 
 def latent_path(latent_dir, run, split):

@@ -1,11 +1,18 @@
 """First-stage autoencoders: `VAE` and `VQVAE` on one latent-diffusion-style encoder / decoder,
-optionally conditioned on the slice z-index in every res block."""
+optionally conditioned on the slice z-index in every res block; how pre_train.py's config builds
+them, how its checkpoints load, and their reconstruction SSIM."""
+import os
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import dataset
+import util
 from module import AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, VectorQuantizer, group_norm
+
+NUM_Z = dataset.SLICES_PER_BRAIN
 
 
 def _per_level(num_res_blocks, levels):
@@ -207,3 +214,73 @@ class VQVAE(Autoencoder):
     def sample(self, n, z, code_histogram):
         """n images decoded from codes drawn per position from code_histogram."""
         return self.decode_indices(self.sample_code_indices(code_histogram, n).to(z.device), z)
+
+
+# ----------------------------------------------------------------------------- from a config / checkpoint
+def check_model_config(config):
+    """Stop with the rule a first-stage shape constant breaks, before any tensor meets it."""
+    if config["MODE"] not in ("VQVAE", "VAE"):
+        raise util.UserError(f"MODE must be 'VQVAE' or 'VAE', got {config['MODE']!r}")
+    util.check_positive_ints(config, ("IMG_SIZE", "PATCH_SIZE", "BASE_CHANNELS", "NUM_CODES", "CODE_DIM",
+                                      "LATENT_CHANNELS"))
+    mults = util.checked_channel_mults(config)
+    for name in ("ENCODER_RES_BLOCKS", "DECODER_RES_BLOCKS"):
+        counts = config[name]
+        per_level = counts if isinstance(counts, tuple) else (counts,) * len(mults)
+        if len(per_level) != len(mults) or not all(type(c) is int and c >= 0 for c in per_level):
+            raise util.UserError(f"{name} must be an integer >= 0 or a tuple of one per level ({len(mults)}, "
+                                 f"as in CHANNEL_MULTS), e.g. {(1,) * len(mults)}; got {counts!r}")
+    factor = config["PATCH_SIZE"] * 2 ** (len(mults) - 1)
+    if config["IMG_SIZE"] % factor:
+        below = config["IMG_SIZE"] // factor * factor
+        example = f"{below} or {below + factor}" if below else f"{factor}"
+        raise util.UserError(f"IMG_SIZE must be a multiple of PATCH_SIZE x 2^(len(CHANNEL_MULTS) - 1) = "
+                             f"{config['PATCH_SIZE']} x 2^{len(mults) - 1} = {factor}, the factor the encoder "
+                             f"shrinks images by, e.g. {example}; got {config['IMG_SIZE']}")
+
+
+def build_model(config):
+    """The first-stage model a config describes (used again by the second-stage scripts),
+    after check_model_config."""
+    check_model_config(config)
+    common = dict(base_channels=config["BASE_CHANNELS"], channel_mults=tuple(config["CHANNEL_MULTS"]),
+                  num_res_blocks_encoder=config["ENCODER_RES_BLOCKS"],
+                  num_res_blocks_decoder=config["DECODER_RES_BLOCKS"],
+                  attention=config["ATTENTION"], patch_size=config["PATCH_SIZE"],
+                  num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None)
+    if config["MODE"] == "VQVAE":
+        return VQVAE(num_codes=config["NUM_CODES"], code_dim=config["CODE_DIM"], **common)
+    return VAE(latent_channels=config["LATENT_CHANNELS"], **common)
+
+
+@torch.no_grad()
+def evaluate_reconstructions(model, loader, device, autocast):
+    """Mean per-image SSIM of reconstructions in [0, 1], and the code counts used (VQVAE)."""
+    model.eval()
+    scores, code_counts = [], None
+    for images, _, _, zs in loader:
+        images, zs = images.to(device), zs.to(device)
+        with autocast():
+            reconstruction, indices = model.reconstruct(images, zs)
+        scores.append(util.reconstruction_ssim(images, reconstruction))
+        if indices is not None:
+            counts = torch.bincount(indices.flatten(), minlength=model.num_codes)
+            code_counts = counts if code_counts is None else code_counts + counts
+    model.train()
+    return torch.cat(scores).mean().item(), code_counts
+
+
+def load_first_stage(path, device):
+    """A first-stage checkpoint (model_ckpt/<run>_best.pt), rebuilt and in eval mode: (model, config).
+    The second-stage scripts pass the path stored with the latents, so they decode with the very
+    model that encoded them."""
+    if not os.path.isfile(path):
+        run = os.path.basename(path).removesuffix("_best.pt")
+        command = {"vqvae": "python pre_train.py", "vae": "python pre_train.py --MODE=VAE"}.get(
+            run, f"python pre_train.py --RUN_NAME={run}")
+        raise util.UserError(f"first-stage checkpoint {path} does not exist; train it first ({command}) "
+                             f"or set FIRST_STAGE / CKPT_DIR")
+    checkpoint = util.load_checkpoint(path)
+    model = build_model(checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval().requires_grad_(False), checkpoint["config"]

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dataset
+import util
 from module import AttentionBlock, ConditionEmbedding, group_norm
 
 
@@ -51,3 +53,17 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight, max_weight=1e4):
     rec_grad = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def build_discriminator(config):
+    """The z-conditioned PatchGAN a config describes. Each of its DISC_LAYERS stride-2 convs
+    halves the image and its last two 4x4 convs take a pixel each, so it needs
+    IMG_SIZE >= 3 x 2^DISC_LAYERS."""
+    util.check_positive_ints(config, ("DISC_CHANNELS", "DISC_LAYERS"))
+    if config["IMG_SIZE"] < 3 * 2 ** config["DISC_LAYERS"]:
+        raise util.UserError(f"IMG_SIZE must be at least 3 x 2^DISC_LAYERS = {3 * 2 ** config['DISC_LAYERS']} "
+                             f"for the PatchGAN's {config['DISC_LAYERS']} stride-2 layers; got {config['IMG_SIZE']}: "
+                             f"lower DISC_LAYERS or raise IMG_SIZE")
+    return PatchDiscriminator(in_channels=1, base_channels=config["DISC_CHANNELS"], num_layers=config["DISC_LAYERS"],
+                              num_z_positions=dataset.SLICES_PER_BRAIN if config["Z_CONDITIONING"] else None,
+                              use_attention=config["DISC_ATTENTION"])

@@ -203,3 +203,13 @@ def codebook_stats(code_counts):
     probabilities = counts / counts.sum().clamp(min=1)
     entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum()
     return {"active_share": (counts > 0).double().mean().item(), "perplexity": math.exp(entropy.item())}
+
+
+def code_counts_per_position(indices, num_codes):
+    """(B, h, w) code indices -> (h, w, num_codes) counts: each position's code histogram."""
+    _, height, width = indices.shape
+    position = torch.arange(height * width, device=indices.device).view(height, width)
+    flat = (position * num_codes + indices).flatten()
+    # scatter_add, not bincount: bincount on CUDA reads the largest index back to the CPU (a sync)
+    counts = torch.zeros(height * width * num_codes, dtype=torch.long, device=indices.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(height, width, num_codes)

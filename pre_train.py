@@ -24,9 +24,9 @@ from tqdm import tqdm
 import dataset
 import util
 from logger import TrainingLog
-from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
-from model_VAE import VAE, VQVAE
-from module import codebook_stats
+from model_discriminator import adaptive_gan_weight, build_discriminator, hinge_discriminator_loss
+from model_VAE import VQVAE, build_model, evaluate_reconstructions
+from module import code_counts_per_position, codebook_stats
 
 # ----------------------------------------------------------------------------- config (CPU preset)
 MODE = "VQVAE"               # "VQVAE" or "VAE"
@@ -76,69 +76,9 @@ SHAPE_KEYS = ("MODE", "IMG_SIZE", "Z_CONDITIONING", "PATCH_SIZE", "BASE_CHANNELS
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
-def check_model_config(config):
-    """Stop with the rule a first-stage shape constant breaks, before any tensor meets it."""
-    if config["MODE"] not in ("VQVAE", "VAE"):
-        raise util.UserError(f"MODE must be 'VQVAE' or 'VAE', got {config['MODE']!r}")
-    util.check_positive_ints(config, ("IMG_SIZE", "PATCH_SIZE", "BASE_CHANNELS", "NUM_CODES", "CODE_DIM",
-                                      "LATENT_CHANNELS"))
-    mults = util.checked_channel_mults(config)
-    for name in ("ENCODER_RES_BLOCKS", "DECODER_RES_BLOCKS"):
-        counts = config[name]
-        per_level = counts if isinstance(counts, tuple) else (counts,) * len(mults)
-        if len(per_level) != len(mults) or not all(type(c) is int and c >= 0 for c in per_level):
-            raise util.UserError(f"{name} must be an integer >= 0 or a tuple of one per level ({len(mults)}, "
-                                 f"as in CHANNEL_MULTS), e.g. {(1,) * len(mults)}; got {counts!r}")
-    factor = config["PATCH_SIZE"] * 2 ** (len(mults) - 1)
-    if config["IMG_SIZE"] % factor:
-        below = config["IMG_SIZE"] // factor * factor
-        example = f"{below} or {below + factor}" if below else f"{factor}"
-        raise util.UserError(f"IMG_SIZE must be a multiple of PATCH_SIZE x 2^(len(CHANNEL_MULTS) - 1) = "
-                             f"{config['PATCH_SIZE']} x 2^{len(mults) - 1} = {factor}, the factor the encoder "
-                             f"shrinks images by, e.g. {example}; got {config['IMG_SIZE']}")
-
-
-def build_model(config):
-    """The first-stage model a config describes (used again by the second-stage scripts),
-    after check_model_config."""
-    check_model_config(config)
-    common = dict(base_channels=config["BASE_CHANNELS"], channel_mults=tuple(config["CHANNEL_MULTS"]),
-                  num_res_blocks_encoder=config["ENCODER_RES_BLOCKS"],
-                  num_res_blocks_decoder=config["DECODER_RES_BLOCKS"],
-                  attention=config["ATTENTION"], patch_size=config["PATCH_SIZE"],
-                  num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None)
-    if config["MODE"] == "VQVAE":
-        return VQVAE(num_codes=config["NUM_CODES"], code_dim=config["CODE_DIM"], **common)
-    return VAE(latent_channels=config["LATENT_CHANNELS"], **common)
-
-
-def build_discriminator(config):
-    """The z-conditioned PatchGAN a config describes. Each of its DISC_LAYERS stride-2 convs
-    halves the image and its last two 4x4 convs take a pixel each, so it needs
-    IMG_SIZE >= 3 x 2^DISC_LAYERS."""
-    util.check_positive_ints(config, ("DISC_CHANNELS", "DISC_LAYERS"))
-    if config["IMG_SIZE"] < 3 * 2 ** config["DISC_LAYERS"]:
-        raise util.UserError(f"IMG_SIZE must be at least 3 x 2^DISC_LAYERS = {3 * 2 ** config['DISC_LAYERS']} "
-                             f"for the PatchGAN's {config['DISC_LAYERS']} stride-2 layers; got {config['IMG_SIZE']}: "
-                             f"lower DISC_LAYERS or raise IMG_SIZE")
-    return PatchDiscriminator(in_channels=1, base_channels=config["DISC_CHANNELS"], num_layers=config["DISC_LAYERS"],
-                              num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None,
-                              use_attention=config["DISC_ATTENTION"])
-
-
 def kl_weight(step):
     """Cyclical annealing: KL_WEIGHT * (0.5 -> 1) linearly over each KL_CYCLE_STEPS steps."""
     return KL_WEIGHT * (0.5 + 0.5 * (step % KL_CYCLE_STEPS) / KL_CYCLE_STEPS)
-
-
-def code_counts_per_position(indices, num_codes):
-    """(B, h, w) code indices -> (h, w, num_codes) counts: each position's code histogram."""
-    _, height, width = indices.shape
-    position = torch.arange(height * width, device=indices.device).view(height, width)
-    flat = (position * num_codes + indices).flatten()
-    # scatter_add, not bincount: bincount on CUDA reads the largest index back to the CPU (a sync)
-    counts = torch.zeros(height * width * num_codes, dtype=torch.long, device=indices.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(height, width, num_codes)
 
 
 def random_latents(model, code_histogram, n, device):
@@ -176,23 +116,6 @@ def generator_loss(model, core_model, core_discriminator, images, zs, step, code
         total = total + weight * (g_loss + g_random_loss)
         losses.update(g_loss=g_loss, g_random_loss=g_random_loss, adaptive_weight=weight)
     return total, losses, reconstruction, generated, indices
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, autocast):
-    """Mean per-image SSIM of reconstructions in [0, 1], and the code counts used (VQVAE)."""
-    model.eval()
-    scores, code_counts = [], None
-    for images, _, _, zs in loader:
-        images, zs = images.to(device), zs.to(device)
-        with autocast():
-            reconstruction, indices = model.reconstruct(images, zs)
-        scores.append(util.reconstruction_ssim(images, reconstruction))
-        if indices is not None:
-            counts = torch.bincount(indices.flatten(), minlength=model.num_codes)
-            code_counts = counts if code_counts is None else code_counts + counts
-    model.train()
-    return torch.cat(scores).mean().item(), code_counts
 
 
 @torch.no_grad()
@@ -309,7 +232,7 @@ if __name__ == "__main__":
                 torch.distributed.all_reduce(epoch_counts)
             code_histogram = epoch_counts
         if is_main:
-            val_ssim, _ = evaluate(core_model, validate_loader, device, autocast)
+            val_ssim, _ = evaluate_reconstructions(core_model, validate_loader, device, autocast)
             epoch_stats = {"val_ssim": val_ssim}
             if MODE == "VQVAE":
                 usage = codebook_stats(epoch_counts.sum((0, 1)))
@@ -340,7 +263,7 @@ if __name__ == "__main__":
         best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
         core_model.load_state_dict(best["model"])
         test_loader = dataset.get_dataloader("test", 32, DATA_DIR, IMG_SIZE)
-        test_ssim, test_counts = evaluate(core_model, test_loader, device, autocast)
+        test_ssim, test_counts = evaluate_reconstructions(core_model, test_loader, device, autocast)
         summary = {"run": run_name, "mode": MODE, "test_ssim": test_ssim, "best_epoch": best["epoch"],
                    "best_val_ssim": best["best_val_ssim"], "epochs": EPOCHS, "steps": step,
                    "train_images_per_second": train_images / max(train_seconds, 1e-9),

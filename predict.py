@@ -30,16 +30,14 @@ from torchvision.utils import make_grid
 import dataset
 import realism
 import util
-from latent_dataset import load_first_stage, load_latents
+from latent_dataset import load_latents
 from model_critic import load_first_stage_critic
-from model_VAE import VQVAE
-from module import codebook_stats
-from pre_train import code_counts_per_position
-from pre_train import evaluate as first_stage_ssim
-from stable_diffusion import decode_latents, load_diffusion
-from stable_diffusion import sample_volumes as diffusion_volumes
-from train_viT import load_prior
-from train_viT import sample_volumes as prior_volumes
+from model_diffusion import decode_latents, load_diffusion
+from model_diffusion import sample_volumes as diffusion_volumes
+from model_prior import load_prior
+from model_prior import sample_volumes as prior_volumes
+from model_VAE import VQVAE, evaluate_reconstructions, load_first_stage
+from module import code_counts_per_position, codebook_stats
 
 # ----------------------------------------------------------------------------- config
 FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STAGE>_prior / _diffusion
@@ -161,7 +159,7 @@ if __name__ == "__main__":
     picture = os.path.join(VISUALIZE_DIR, FIRST_STAGE)
     os.makedirs(VISUALIZE_DIR, exist_ok=True)
 
-    ssim, code_counts = first_stage_ssim(first_stage, loader, device, contextlib.nullcontext)
+    ssim, code_counts = evaluate_reconstructions(first_stage, loader, device, contextlib.nullcontext)
     results = {"first_stage": FIRST_STAGE, "split": SPLIT, "ssim": ssim}
     print(f"{FIRST_STAGE} {SPLIT} SSIM {ssim:.4f}")
     if code_counts is not None:

@@ -26,9 +26,8 @@ import torch
 import dataset
 import realism
 import util
-from latent_dataset import load_first_stage
 from model_critic import load_first_stage_critic
-from pre_train import evaluate as first_stage_ssim
+from model_VAE import evaluate_reconstructions, load_first_stage
 
 # ----------------------------------------------------------------------------- config
 DATA_DIR = ""                # your OASIS-layout folder (required)
@@ -73,7 +72,7 @@ if __name__ == "__main__":
         reconstructions = torch.stack([first_stage.reconstruct(volume.to(device), torch.arange(NUM_Z, device=device))[0]
                                        .float().cpu() for volume in volumes])
     ssim = torch.stack([util.reconstruction_ssim(v, r) for v, r in zip(volumes, reconstructions)]).numpy()
-    home_ssim, _ = first_stage_ssim(first_stage, dataset.get_dataloader("test", 32, home_dir, img_size, shuffle=False),
+    home_ssim, _ = evaluate_reconstructions(first_stage, dataset.get_dataloader("test", 32, home_dir, img_size, shuffle=False),
                                     device, contextlib.nullcontext)
     name = f"{FIRST_STAGE}_scans_{os.path.basename(os.path.normpath(DATA_DIR))}"
     os.makedirs(VISUALIZE_DIR, exist_ok=True)

@@ -28,11 +28,11 @@ from tqdm import tqdm
 import dataset
 import realism
 import util
-from latent_dataset import load_first_stage, load_latents
+from latent_dataset import load_latents
 from logger import TrainingLog
 from model_critic import load_first_stage_critic
-from model_diffusion import GaussianDiffusion, LatentUNet
-from model_VAE import VQVAE
+from model_diffusion import LatentUNet, build_diffusion, diffusion_latents, sample_volumes, unet_args
+from model_VAE import load_first_stage
 
 # ----------------------------------------------------------------------------- config (CPU preset)
 FIRST_STAGE = "vqvae"        # run name of the first stage whose latents are modelled
@@ -72,62 +72,6 @@ SHAPE_KEYS = ("FIRST_STAGE", "BASE_CHANNELS", "CHANNEL_MULTS", "RES_BLOCKS", "AT
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
-def diffusion_latents(collected):
-    """The latents the U-Net models: VQVAE pre-quantisation latents, or VAE posterior means
-    (the collected VAE latents hold mean and log-variance stacked on channels)."""
-    latents = collected["latents"]
-    return latents if collected["indices"] is not None else latents[:, :latents.shape[1] // 2]
-
-
-def unet_args(config, latent_shape):
-    """LatentUNet's arguments for a config and the first stage's latents (C, h, w), after checking
-    the rules the constants must follow: the U-Net halves the latent grid at each of its
-    len(CHANNEL_MULTS) - 1 downsamplings and must restore it exactly for the skips."""
-    util.check_positive_ints(config, ("BASE_CHANNELS",))
-    mults = util.checked_channel_mults(config)
-    if type(config["RES_BLOCKS"]) is not int or config["RES_BLOCKS"] < 0:
-        raise util.UserError(f"RES_BLOCKS must be an integer >= 0, got {config['RES_BLOCKS']!r}")
-    factor = 2 ** (len(mults) - 1)
-    channels, height, width = latent_shape
-    if height % factor or width % factor:
-        most = next(levels for levels in range(len(mults), 0, -1) if height % 2 ** (levels - 1) == 0
-                    and width % 2 ** (levels - 1) == 0)
-        raise util.UserError(f"CHANNEL_MULTS has {len(mults)} levels, so the U-Net needs latents whose sides are a "
-                             f"multiple of 2^(len(CHANNEL_MULTS) - 1) = {factor}; the first stage's are "
-                             f"{height}x{width}: use at most {most} levels, e.g. {tuple(mults[:most])}")
-    return dict(in_channels=channels, base_channels=config["BASE_CHANNELS"], channel_mults=tuple(mults),
-                num_res_blocks=config["RES_BLOCKS"], attention=config["ATTENTION"],
-                num_timesteps=config["NUM_TIMESTEPS"], num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None)
-
-
-def build_diffusion(config):
-    """The noise schedule and parameterisation a config describes, after checking them."""
-    util.check_positive_ints(config, ("NUM_TIMESTEPS",))
-    if not 0 < config["BETA_START"] < config["BETA_END"] < 1:
-        raise util.UserError(f"the betas must satisfy 0 < BETA_START < BETA_END < 1, e.g. 1e-4 and 0.02; got "
-                             f"BETA_START={config['BETA_START']}, BETA_END={config['BETA_END']}")
-    if config["PREDICTION"] not in ("v", "eps"):
-        raise util.UserError(f"PREDICTION must be 'v' or 'eps', got {config['PREDICTION']!r}")
-    return GaussianDiffusion(config["NUM_TIMESTEPS"], config["BETA_START"], config["BETA_END"], config["PREDICTION"])
-
-
-def load_diffusion(path, device):
-    """A checkpoint of this script for sampling: (EMA U-Net in eval mode, diffusion, checkpoint)."""
-    checkpoint = util.load_checkpoint(path)
-    unet = LatentUNet(**checkpoint["model_args"])
-    unet.load_state_dict(checkpoint["ema_model"])
-    return unet.to(device).eval(), build_diffusion(checkpoint["config"]).to(device), checkpoint
-
-
-def decode_latents(first_stage, latents, stats, z):
-    """Images from sampled (normalised) latents: un-normalise, then decode; a VQVAE first snaps
-    each vector to its nearest code."""
-    latents = latents * stats["latent_std"].to(latents.device) + stats["latent_mean"].to(latents.device)
-    if isinstance(first_stage, VQVAE):
-        latents = first_stage.quantize(latents)[0]
-    return first_stage.decode(latents, z)
-
-
 @torch.no_grad()
 def evaluate(model, diffusion, latents, z, device, seed):
     """Mean diffusion loss over (normalised) latents, with timesteps and noise fixed by `seed`
@@ -140,18 +84,6 @@ def evaluate(model, diffusion, latents, z, device, seed):
     return total / len(latents)
 
 
-@torch.no_grad()
-def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, steps=SAMPLE_STEPS, guidance=1.0):
-    """`volumes` volumes of 32 slices (z = 0..31) by DDIM with classifier-free guidance scale
-    `guidance`, each volume's slices sharing one noise trajectory, decoded to images
-    (volumes * 32, 1, H, W). `model`: an EMA U-Net in eval mode; `stats`: the latent
-    normalisation ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
-    z = torch.arange(NUM_Z, device=device).repeat(volumes)
-    latents = diffusion.sample_ddim(model, (len(z),) + tuple(stats["latent_shape"]), z, steps,
-                                    x0_bound=stats["x0_bound"], noise_groups=volumes, guidance=guidance)
-    return decode_latents(first_stage, latents, stats, z)
-
-
 def choose_guidance(model, diffusion, first_stage, first_stage_config, stats, device):
     """The scale of GUIDANCE_SCALES whose DDIM samples score best on the validate brains
     (realism.choose_setting): (scale, the scored rows)."""
@@ -162,7 +94,7 @@ def choose_guidance(model, diffusion, first_stage, first_stage_config, stats, de
                                        for split in ("train", "validate"))
 
     def sample(scale):
-        images = sample_volumes(model, diffusion, first_stage, stats, device, SWEEP_VOLUMES, guidance=scale)
+        images = sample_volumes(model, diffusion, first_stage, stats, device, SWEEP_VOLUMES, SAMPLE_STEPS, scale)
         return images.float().cpu().view(SWEEP_VOLUMES, NUM_Z, *images.shape[1:])
 
     return realism.choose_setting(sample, GUIDANCE_SCALES, critic, validate_volumes, train_volumes)
@@ -252,7 +184,7 @@ if __name__ == "__main__":
             val_loss = evaluate(ema_unet, diffusion, validate_latents, validate["z"], device, SEED)
             log.write(step - 1, {"val_loss": val_loss})
             if (epoch + 1) % GRID_EVERY == 0:
-                images = sample_volumes(ema_unet, diffusion, first_stage, stats, device)
+                images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS)
                 util.save_image_grid(images, os.path.join(VISUALIZE_DIR,
                                                           f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
             improved = val_loss < best_val_loss
@@ -282,7 +214,7 @@ if __name__ == "__main__":
               f"{time.time() - search_start:.0f} s)")
         test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
         sample_start = time.time()
-        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, guidance=guidance)
+        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS, guidance=guidance)
         sample_seconds = time.time() - sample_start
         util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
         summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],

@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import pre_train  # noqa: E402
 import util  # noqa: E402
+import model_discriminator  # noqa: E402
+import model_VAE  # noqa: E402
 from model_discriminator import hinge_discriminator_loss  # noqa: E402
 
 BUDGET_SECONDS = 150.0       # training time of each contestant's final run
@@ -75,8 +77,8 @@ class OurPair:
     def __init__(self, z_conditioning):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
         config.update(NUM_CODES=256, Z_CONDITIONING=z_conditioning)     # MONAI's codebook size
-        self.model = pre_train.build_model(config)
-        self.discriminator = pre_train.build_discriminator(config)
+        self.model = model_VAE.build_model(config)
+        self.discriminator = model_discriminator.build_discriminator(config)
 
     def reconstruct(self, images, zs):
         reconstruction, vq_loss, _ = self.model(images, zs)

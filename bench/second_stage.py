@@ -23,8 +23,9 @@ sys.path.insert(0, ROOT)
 
 import realism  # noqa: E402
 from latent_dataset import load_latents  # noqa: E402
-from stable_diffusion import load_diffusion  # noqa: E402
-from train_viT import histogram_baseline, histogram_nats_per_code, load_prior  # noqa: E402
+from model_diffusion import load_diffusion  # noqa: E402
+from model_prior import load_prior  # noqa: E402
+from train_viT import histogram_baseline, histogram_nats_per_code  # noqa: E402
 
 SAMPLES = 16
 THREADS = 2

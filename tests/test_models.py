@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
-from model_VAE import VAE, VQVAE
+from model_VAE import VAE, VQVAE, build_model
 from module import ResBlock, VectorQuantizer, codebook_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +195,7 @@ def test_gpu_preset_is_the_original_full_size():
     import pre_train
     namespace = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
     config = util.apply_overrides(namespace, [os.path.join(ROOT, "config", "pre_train_oasis_gpu.py")])
-    model = pre_train.build_model(config)
+    model = build_model(config)
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - 17.7e6) / 17.7e6 < 0.10
     assert model.latent_shape(config["IMG_SIZE"]) == (8, 16, 16) and model.num_codes == 256

@@ -13,6 +13,9 @@ import torch
 import dataset
 import util
 from logger import read_log
+from model_discriminator import build_discriminator
+from model_VAE import build_model
+from module import code_counts_per_position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 2)", "--PATCH_SIZE=2",
@@ -149,7 +152,7 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(demo_dir, tmp_path
 def test_code_counts_per_position_against_one_hot():
     import pre_train
     indices = torch.randint(0, 7, (5, 3, 4), generator=torch.Generator().manual_seed(0))
-    counts = pre_train.code_counts_per_position(indices, 7)
+    counts = code_counts_per_position(indices, 7)
     assert counts.shape == (3, 4, 7)
     assert torch.equal(counts, torch.nn.functional.one_hot(indices, 7).sum(0))
 
@@ -166,8 +169,8 @@ def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
     config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
     config.update(MODE=mode, BASE_CHANNELS=16, NUM_CODES=32, CODE_DIM=4, LATENT_CHANNELS=4, DISC_CHANNELS=8)
     torch.manual_seed(0)
-    model = pre_train.build_model(config).eval()        # eval: the codebook stays put between the two passes
-    discriminator = pre_train.build_discriminator(config)
+    model = build_model(config).eval()        # eval: the codebook stays put between the two passes
+    discriminator = build_discriminator(config)
     slices = dataset.OasisSlices("train", demo_dir, 32)
     chosen = [3, 10, 17, 24]
     images, zs = torch.stack([slices[i][0] for i in chosen]), torch.from_numpy(slices.zs[chosen])

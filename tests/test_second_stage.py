@@ -15,12 +15,12 @@ from PIL import Image, ImageSequence
 
 import dataset
 import util
-from latent_dataset import load_first_stage
 from logger import read_log
-from model_diffusion import NULL_Z, GaussianDiffusion, LatentUNet
+from model_diffusion import NULL_Z, GaussianDiffusion, LatentUNet, diffusion_latents, load_diffusion
 from realism import METRICS
-from stable_diffusion import diffusion_latents, load_diffusion
-from train_viT import CodePrior, histogram_baseline, load_prior, nats_per_code
+from model_prior import CodePrior, load_prior, nats_per_code
+from model_VAE import load_first_stage
+from train_viT import histogram_baseline
 from test_dataset import write_small_volume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,6 +7,10 @@ import sys
 import pytest
 import torch
 
+import model_diffusion
+import model_discriminator
+import model_prior
+import model_VAE
 import pre_train
 import stable_diffusion
 import train_viT
@@ -126,27 +130,27 @@ def test_checkpoint_from_another_config_is_refused_without_traceback(demo_dir, t
 ])
 def test_first_stage_shape_rules(changes, message):
     with pytest.raises(util.UserError, match=message):
-        pre_train.build_model(dict(FIRST_STAGE_CONFIG, **changes))
+        model_VAE.build_model(dict(FIRST_STAGE_CONFIG, **changes))
 
 
 def test_first_stage_shapes_that_follow_the_rules_build_and_run():
     config = dict(FIRST_STAGE_CONFIG, IMG_SIZE=48, BASE_CHANNELS=8, ENCODER_RES_BLOCKS=(0, 2), DECODER_RES_BLOCKS=(1, 0))
-    model = pre_train.build_model(config)
+    model = model_VAE.build_model(config)
     images = torch.zeros(2, 1, 48, 48)
     reconstruction, _, indices = model(images, torch.tensor([0, 31]))
     assert reconstruction.shape == images.shape and indices.shape == (2, 12, 12)
-    discriminator = pre_train.build_discriminator(dict(config, IMG_SIZE=12, DISC_LAYERS=2))
+    discriminator = model_discriminator.build_discriminator(dict(config, IMG_SIZE=12, DISC_LAYERS=2))
     assert discriminator(torch.zeros(2, 1, 12, 12), torch.tensor([0, 31])).shape == (2, 1, 1, 1)
 
 
 def test_discriminator_needs_three_pixels_after_its_downsamplings():
     with pytest.raises(util.UserError, match="IMG_SIZE must be at least 3 x 2\\^DISC_LAYERS = 24 .* got 16"):
-        pre_train.build_discriminator(dict(FIRST_STAGE_CONFIG, IMG_SIZE=16, DISC_LAYERS=3))
+        model_discriminator.build_discriminator(dict(FIRST_STAGE_CONFIG, IMG_SIZE=16, DISC_LAYERS=3))
 
 
 def test_prior_rules():
-    args = train_viT.prior_args(dict(PRIOR_CONFIG, N_EMBD=48, N_HEAD=6, TOP_KS=(0, 8)), 32, (4, 4))
-    prior = train_viT.CodePrior(**args)
+    args = model_prior.prior_args(dict(PRIOR_CONFIG, N_EMBD=48, N_HEAD=6, TOP_KS=(0, 8)), 32, (4, 4))
+    prior = model_prior.CodePrior(**args)
     assert prior(torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([0, 1])).shape == (2, 16, 32)
     for changes, message in [({"N_EMBD": 50, "N_HEAD": 4}, "N_EMBD must be divisible by N_HEAD .* e.g. N_EMBD=48 for "
                                                            "N_HEAD=4; got N_EMBD=50"),
@@ -155,23 +159,23 @@ def test_prior_rules():
                              ({"TEMPERATURES": (1.0, 0.0)}, "TEMPERATURES must hold temperatures above 0"),
                              ({"TOP_KS": (0, 33)}, r"TOP_KS must hold values between 0 .* 32 codes, got \(0, 33\)")]:
         with pytest.raises(util.UserError, match=message):
-            train_viT.prior_args(dict(PRIOR_CONFIG, **changes), 32, (4, 4))
+            model_prior.prior_args(dict(PRIOR_CONFIG, **changes), 32, (4, 4))
 
 
 def test_diffusion_rules():
     # 12x12 latents: two halvings fit (12 -> 6 -> 3), a third does not
-    args = stable_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
-    unet = stable_diffusion.LatentUNet(**args)
+    args = model_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
+    unet = model_diffusion.LatentUNet(**args)
     assert unet(torch.zeros(1, 4, 12, 12), torch.tensor([5]), torch.tensor([3])).shape == (1, 4, 12, 12)
     with pytest.raises(util.UserError, match=r"CHANNEL_MULTS has 4 levels, .* multiple of 2\^\(len\(CHANNEL_MULTS\) "
                                              r"- 1\) = 8; the first stage's are 12x12: use at most 3 levels, "
                                              r"e.g. \(1, 2, 2\)"):
-        stable_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2, 2)), (4, 12, 12))
+        model_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2, 2)), (4, 12, 12))
     for changes, message in [({"BETA_START": 0.03}, "0 < BETA_START < BETA_END < 1"),
                              ({"PREDICTION": "x0"}, "PREDICTION must be 'v' or 'eps', got 'x0'"),
                              ({"NUM_TIMESTEPS": 0}, "NUM_TIMESTEPS must be a positive integer")]:
         with pytest.raises(util.UserError, match=message):
-            stable_diffusion.build_diffusion(dict(DIFFUSION_CONFIG, **changes))
+            model_diffusion.build_diffusion(dict(DIFFUSION_CONFIG, **changes))
 
 
 def test_a_batch_size_with_no_full_batch_is_named():

@@ -1,0 +1,153 @@
+"""The transformer prior over a VQVAE's code grid, conditioned on the slice index z: the model,
+how it is built from train_viT.py's config and loaded from its checkpoints, and sampling."""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import dataset
+import util
+
+NUM_Z = dataset.SLICES_PER_BRAIN
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention. With a `cache` dict (sampling) the keys and values of
+    earlier positions are kept, so each new token costs one position's work. Dropout acts on the
+    output, not on the attention weights: with those, PyTorch's CPU attention falls back to its
+    slow kernel (a training step took 1.7x as long here)."""
+
+    def __init__(self, dim, num_heads, dropout):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None):
+        q, k, v = rearrange(self.qkv(x), "b n (three heads d) -> three b heads n d", three=3, heads=self.num_heads)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # a cached step's query is the newest position: it may see every key, so no mask
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
+        return self.dropout(self.proj(rearrange(out, "b heads n d -> b n (heads d)")))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, dim, num_heads, dropout):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = CausalSelfAttention(dim, num_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x, cache=None):
+        x = x + self.attention(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class CodePrior(nn.Module):
+    """p(codes | z) = prod_i p(code_i | z, codes < i) over a latent grid read in raster order."""
+
+    def __init__(self, num_codes, grid_shape, num_z_positions, num_layers=4, num_heads=4, dim=128, dropout=0.1):
+        super().__init__()
+        self.grid_shape = tuple(grid_shape)
+        self.sequence_length = self.grid_shape[0] * self.grid_shape[1]
+        self.code_embedding = nn.Embedding(num_codes, dim)
+        self.z_embedding = nn.Embedding(num_z_positions, dim)      # the start token
+        self.position_embedding = nn.Embedding(self.sequence_length, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_codes, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _logits(self, tokens, start, caches):
+        """Logits after the token embeddings `tokens` (B, n, dim) at positions start..start+n-1."""
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = self.dropout(tokens + self.position_embedding(positions))
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        return self.head(self.norm(x))
+
+    def forward(self, codes, z):
+        """Code grids (B, h, w), or their first n codes in raster order (B, n), and z (B,) ->
+        logits (B, h*w or n, num_codes); logits[:, i] predicts code i from z and the codes
+        before it (so the last code given is never read)."""
+        if codes.dim() == 3:
+            codes = rearrange(codes, "b h w -> b (h w)")
+        tokens = torch.cat([self.z_embedding(z)[:, None], self.code_embedding(codes[:, :-1])], dim=1)
+        return self._logits(tokens, 0, [None] * len(self.blocks))
+
+    @torch.no_grad()
+    def sample(self, z, temperature=1.0, top_k=0, use_cache=True):
+        """Code grids (B, h, w) drawn token by token for slice indices z (B,). With the KV cache
+        each code costs one position's work; without it (the original's way, kept to check and
+        time the cache against) each code costs a forward pass over all codes drawn before it."""
+        caches = [{} for _ in self.blocks]
+        token, codes = self.z_embedding(z)[:, None], z.new_zeros(len(z), 0)
+        for position in range(self.sequence_length):
+            if use_cache:
+                logits = self._logits(token, position, caches)[:, -1]
+            else:      # the drawn codes and a placeholder for the one to draw, which is not read
+                logits = self(torch.cat([codes, codes.new_zeros(len(z), 1)], dim=1), z)[:, -1]
+            logits = logits.float() / temperature
+            if top_k:
+                threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+            code = torch.multinomial(logits.softmax(-1), 1)
+            codes = torch.cat([codes, code], dim=1)
+            token = self.code_embedding(code)
+        return rearrange(codes, "b (h w) -> b h w", h=self.grid_shape[0])
+
+
+def prior_args(config, num_codes, grid_shape):
+    """CodePrior's arguments for a config and the first stage's codes, after checking the rules
+    the constants must follow (each head gets N_EMBD / N_HEAD channels)."""
+    util.check_positive_ints(config, ("N_LAYER", "N_HEAD", "N_EMBD"))
+    if config["N_EMBD"] % config["N_HEAD"]:
+        raise util.UserError(f"N_EMBD must be divisible by N_HEAD (each head gets N_EMBD / N_HEAD channels), "
+                             f"e.g. N_EMBD={config['N_HEAD'] * max(1, round(config['N_EMBD'] / config['N_HEAD']))} "
+                             f"for N_HEAD={config['N_HEAD']}; got N_EMBD={config['N_EMBD']}")
+    if not 0 <= config["DROPOUT"] < 1:
+        raise util.UserError(f"DROPOUT must be in [0, 1), got {config['DROPOUT']}")
+    if not config["TEMPERATURES"] or min(config["TEMPERATURES"]) <= 0:
+        raise util.UserError(f"TEMPERATURES must hold temperatures above 0 (1.0 samples the learned "
+                             f"distribution), got {config['TEMPERATURES']}")
+    if not config["TOP_KS"] or not all(0 <= k <= num_codes for k in config["TOP_KS"]):
+        raise util.UserError(f"TOP_KS must hold values between 0 (all codes) and the first stage's {num_codes} "
+                             f"codes, got {config['TOP_KS']}")
+    return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
+                num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
+                dropout=config["DROPOUT"])
+
+
+def load_prior(path, device):
+    """A checkpoint of train_viT.py, rebuilt for sampling: (prior in eval mode, checkpoint)."""
+    checkpoint = util.load_checkpoint(path)
+    prior = CodePrior(**checkpoint["model_args"])
+    prior.load_state_dict(checkpoint["model"])
+    return prior.to(device).eval(), checkpoint
+
+
+def nats_per_code(logits, codes):
+    """Mean cross-entropy of code grids (B, h, w) under logits (B, h*w, num_codes)."""
+    return F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), rearrange(codes, "b h w -> b (h w)"))
+
+
+@torch.no_grad()
+def sample_volumes(prior, first_stage, device, volumes=1, temperature=1.0, top_k=0):
+    """`volumes` x 32 slices (z = 0..31) drawn by the prior and decoded: (volumes * 32, 1, H, W).
+    Each slice is drawn on its own, so a volume's slices are not one brain."""
+    z = torch.arange(NUM_Z, device=device).repeat(volumes)
+    return first_stage.decode_indices(prior.sample(z, temperature, top_k), z)
