@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg, stats
 
+import dataset
 import util
-from model_critic import TISSUE_NAMES
+from model_critic import TISSUE_NAMES, load_first_stage_critic
 
 Z_TOLERANCE = 2              # z-faithfulness: predicted z within +-2 counts as right
 Z_BAND = 8                   # tissue fractions are compared within bands of 8 slices
@@ -161,12 +162,16 @@ def score(description, reference, volumes=None):
     return figures
 
 
-def reference_description(test_volumes, critic, train_volumes):
-    """describe() of the real test brains, plus each z's memorisation threshold: the highest SSIM
-    any test slice of that z has to its nearest training slice."""
-    reference = describe(test_volumes, critic, train_volumes=train_volumes)
+def reference_description(real_volumes, critic, train_volumes):
+    """The real brains sources are scored against (test, or validate when choosing a setting):
+    (their describe() plus each z's memorisation threshold, the highest SSIM any of their slices
+    of that z has to its nearest training slice; their own figures, plus the share a held-out
+    real brain is memorised by chance)."""
+    reference = describe(real_volumes, critic, train_volumes=train_volumes)
     reference["memorisation_threshold"] = reference["nearest_train_ssim"].max(0)
-    return reference
+    real = score(reference, reference)
+    real["memorisation_by_chance"] = 1 / (len(real_volumes) + 1)
+    return reference, real
 
 
 def distance_to_real(figures, real):
@@ -202,9 +207,7 @@ def evaluate_sources(sources, critic, train_volumes, test_volumes):
     {"real_test": the test brains' own figures, "sources": {name: {"volumes", "figures",
     "spread" (jackknife standard error over volumes: how much a figure moves with the draw of
     volumes, e.g. between seeds), "distance_to_real"}}}."""
-    reference = reference_description(test_volumes, critic, train_volumes)
-    real = score(reference, reference)
-    real["memorisation_by_chance"] = 1 / (len(test_volumes) + 1)
+    reference, real = reference_description(test_volumes, critic, train_volumes)
     results = {"real_test": real, "sources": {}}
     for name, volumes in sources.items():
         description = describe(volumes, critic, train_volumes, test_volumes)
@@ -232,9 +235,7 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes):
     (distances to real: Frechet, tissue, |log sharpness|, |log diversity|, share off z; diversity
     keeps a strong guidance from trading variety for fidelity) wins. Returns (the best
     setting, [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
-    reference = reference_description(validate_volumes, critic, train_volumes)
-    real = score(reference, reference)
-    real["memorisation_by_chance"] = 1 / (len(validate_volumes) + 1)
+    reference, real = reference_description(validate_volumes, critic, train_volumes)
     rows = []
     for setting in settings:
         figures = score(describe(sample(setting), critic, train_volumes), reference)
@@ -246,6 +247,22 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes):
             row["mean_rank"] = row.get("mean_rank", 0.0) + rank / len(metrics)
     best = min(rows, key=lambda row: row["mean_rank"])      # the first listed wins a tie
     return best["setting"], rows
+
+
+def choose_on_validate(sample_images, settings, first_stage_config, ckpt_dir, device):
+    """choose_setting with the brain critic and the real train / validate brains of the data a
+    first stage was trained on; sample_images(setting) -> images (V * Z, 1, H, W), whole volumes
+    in z order. One setting needs no search (and no critic): (it, [])."""
+    if len(settings) == 1:
+        return settings[0], []
+    critic, data_dir, img_size = load_first_stage_critic(first_stage_config, ckpt_dir, device)
+    train_volumes, validate_volumes = (dataset.OasisSlices(split, data_dir, img_size).volumes()
+                                       for split in ("train", "validate"))
+
+    def sample(setting):
+        return sample_images(setting).float().cpu().unflatten(0, (-1, dataset.SLICES_PER_BRAIN))
+
+    return choose_setting(sample, settings, critic, validate_volumes, train_volumes)
 
 
 def format_table(results, reference="real test"):

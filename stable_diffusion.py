@@ -25,12 +25,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import dataset
 import realism
 import util
 from latent_dataset import load_latents
 from logger import TrainingLog
-from model_critic import load_first_stage_critic
 from model_diffusion import LatentUNet, build_diffusion, diffusion_latents, sample_volumes, unet_args
 from model_VAE import load_first_stage
 
@@ -69,7 +67,6 @@ VISUALIZE_DIR = "visualize"
 # constants that fix tensor shapes or what the output means: a checkpoint made with others is refused
 SHAPE_KEYS = ("FIRST_STAGE", "BASE_CHANNELS", "CHANNEL_MULTS", "RES_BLOCKS", "ATTENTION", "Z_CONDITIONING",
               "NUM_TIMESTEPS", "BETA_START", "BETA_END", "PREDICTION")
-NUM_Z = dataset.SLICES_PER_BRAIN
 
 
 @torch.no_grad()
@@ -86,18 +83,10 @@ def evaluate(model, diffusion, latents, z, device, seed):
 
 def choose_guidance(model, diffusion, first_stage, first_stage_config, stats, device):
     """The scale of GUIDANCE_SCALES whose DDIM samples score best on the validate brains
-    (realism.choose_setting): (scale, the scored rows)."""
-    if len(GUIDANCE_SCALES) == 1:
-        return GUIDANCE_SCALES[0], []
-    critic, data_dir, img_size = load_first_stage_critic(first_stage_config, CKPT_DIR, device)
-    train_volumes, validate_volumes = (dataset.OasisSlices(split, data_dir, img_size).volumes()
-                                       for split in ("train", "validate"))
-
-    def sample(scale):
-        images = sample_volumes(model, diffusion, first_stage, stats, device, SWEEP_VOLUMES, SAMPLE_STEPS, scale)
-        return images.float().cpu().view(SWEEP_VOLUMES, NUM_Z, *images.shape[1:])
-
-    return realism.choose_setting(sample, GUIDANCE_SCALES, critic, validate_volumes, train_volumes)
+    (realism.choose_on_validate): (scale, the scored rows)."""
+    return realism.choose_on_validate(
+        lambda scale: sample_volumes(model, diffusion, first_stage, stats, device, SWEEP_VOLUMES, SAMPLE_STEPS, scale),
+        GUIDANCE_SCALES, first_stage_config, CKPT_DIR, device)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import dataset
 import realism
 import util
 from latent_dataset import load_latents
 from logger import TrainingLog
-from model_critic import load_first_stage_critic
 from model_prior import CodePrior, nats_per_code, prior_args, sample_volumes
 from model_VAE import load_first_stage
 from module import code_counts_per_position
@@ -61,7 +59,6 @@ LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
 
 SHAPE_KEYS = ("FIRST_STAGE", "N_LAYER", "N_HEAD", "N_EMBD")
-NUM_Z = dataset.SLICES_PER_BRAIN
 
 
 def histogram_nats_per_code(train_codes, codes, num_codes, pseudo_count):
@@ -95,21 +92,11 @@ def evaluate(prior, loader, device):
 
 
 def choose_sampling(prior, first_stage, first_stage_config, device):
-    """The (temperature, top-k) pair of TEMPERATURES x TOP_KS whose samples score best on the
-    validate brains (realism.choose_setting): ({"temperature", "top_k"}, the scored rows)."""
-    settings = [(t, k) for t in TEMPERATURES for k in TOP_KS]
-    if len(settings) == 1:
-        return {"temperature": settings[0][0], "top_k": settings[0][1]}, []
-    critic, data_dir, img_size = load_first_stage_critic(first_stage_config, CKPT_DIR, device)
-    train_volumes, validate_volumes = (dataset.OasisSlices(split, data_dir, img_size).volumes()
-                                       for split in ("train", "validate"))
-
-    def sample(setting):
-        images = sample_volumes(prior, first_stage, device, SWEEP_VOLUMES, *setting)
-        return images.float().cpu().view(SWEEP_VOLUMES, NUM_Z, *images.shape[1:])
-
-    (temperature, top_k), rows = realism.choose_setting(sample, settings, critic, validate_volumes, train_volumes)
-    return {"temperature": temperature, "top_k": top_k}, rows
+    """The {"temperature", "top_k"} of TEMPERATURES x TOP_KS whose samples score best on the
+    validate brains (realism.choose_on_validate), and the scored rows."""
+    settings = [{"temperature": t, "top_k": k} for t in TEMPERATURES for k in TOP_KS]
+    return realism.choose_on_validate(lambda setting: sample_volumes(prior, first_stage, device, SWEEP_VOLUMES, **setting),
+                                      settings, first_stage_config, CKPT_DIR, device)
 
 
 if __name__ == "__main__":
@@ -217,8 +204,7 @@ if __name__ == "__main__":
                    "test_nats_per_code_histogram": histogram_nats, "histogram_pseudo_count": pseudo_count,
                    "uniform_nats_per_code": math.log(model_args["num_codes"]),
                    "sample_seconds_32_slices": sample_seconds, "sampling": sampling,
-                   "sampling_search": [{**row, "setting": {"temperature": row["setting"][0], "top_k": row["setting"][1]}}
-                                       for row in search],
+                   "sampling_search": search,
                    "train_seconds": train_seconds, "parameters": sum(p.numel() for p in prior.parameters()),
                    "device": str(device), "processes": world_size, "config": config}
         with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
