@@ -113,8 +113,18 @@ def seed_everything(seed):
 
 
 def get_device():
-    """CUDA when present, else CPU: nothing in the project needs a GPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present, else CPU: nothing in the project needs a GPU. On CUDA, float32 matrix
+    products may use TF32 tensor cores (what autocast does not cover: the prior, the U-Net)."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def synchronize(device):
+    """Wait for a GPU's queued kernels (timing asynchronous CUDA work); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def save_image_grid(images, path, nrow=8):
@@ -162,6 +172,7 @@ def setup_distributed():
                             f"or CPU processes with gloo (CUDA_VISIBLE_DEVICES= torchrun ...)")
         torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group("nccl")
+        get_device()   # TF32, as a single process
         return torch.device("cuda", local_rank)
     torch.distributed.init_process_group("gloo")
     return torch.device("cpu")

@@ -1,6 +1,7 @@
 """Side by side on the demo brains: our VQVAE + PatchGAN against MONAI's VQVAE + PatchDiscriminator.
 
     .venv/bin/python bench/first_stage_speed.py [--BUDGET_SECONDS=150] [--TUNE_SECONDS=30]
+    python bench/first_stage_speed.py config/first_stage_speed_gpu.py     # 256x256 on a GPU
 
 Every contestant goes through the same training loop (L1 + VQ loss + hinge GAN with a fixed
 weight), data, batch, image size, 16x16 latent grid and codebook (256 x 8), and sees the same
@@ -11,8 +12,10 @@ the one of LEARNING_RATES with the best validation SSIM after TUNE_SECONDS of tr
 timed run starts after WARMUP_STEPS untimed steps of a throwaway copy (kernels, allocator), then
 trains a fresh, seeded model for its budget. Prints training images/s and test SSIM after
 BUDGET_SECONDS, and the share of the CPU's measured peak matmul FLOP/s that our training step
-reaches (FLOPs counted by torch.utils.flop_counter). monai is a bench-only dependency
-(requirements-dev.txt).
+reaches (FLOPs counted by torch.utils.flop_counter). On a GPU every contestant trains under bf16
+autocast with fused Adam (as pre_train.py does there), the clock stops only after the queued
+kernels finish, and the GPU's utilisation (NVML, sampled every step) is printed too. monai is a
+bench-only dependency (requirements-dev.txt).
 """
 import itertools
 import os
@@ -31,6 +34,13 @@ import model_discriminator  # noqa: E402
 import model_VAE  # noqa: E402
 from model_discriminator import hinge_discriminator_loss  # noqa: E402
 
+FIRST_STAGE_PRESET = ""      # a config/pre_train*.py file for our contestant ("" = pre_train.py's CPU preset);
+                             # its IMG_SIZE is everyone's image size
+CONTESTANT_NAMES = ()        # which of CONTESTANTS run (() = all)
+MONAI_CHANNELS = (56, 112)   # MONAI VQVAE's channels per stride-2 level: (56, 112) matches our CPU preset's size
+MONAI_RES_LAYERS = 1
+MONAI_DISC_CHANNELS = 32
+MONAI_DISC_LAYERS = 2
 BUDGET_SECONDS = 150.0       # training time of each contestant's final run
 TUNE_SECONDS = 30.0          # training time of each candidate learning rate
 LEARNING_RATES = (2.5e-4, 5e-4, 1e-3, 2e-3)   # candidates for every contestant (one entry: no tuning)
@@ -42,20 +52,21 @@ SEED = 0
 
 
 class MonaiPair:
-    """MONAI's VQVAE (EMA codebook) and PatchDiscriminator with our preset's levels and
-    discriminator; `channels` (56, 112) matches our parameter count, (32, 64) is MONAI lean.
-    With `z_channel`, encoder and discriminator get z / 31 as a second input channel."""
+    """MONAI's VQVAE (EMA codebook) with one stride-2 level per entry of `channels` and its
+    PatchDiscriminator: MONAI_CHANNELS match our preset's parameter count, (32, 64) is MONAI
+    lean at 64x64. With `z_channel`, encoder and discriminator get z / 31 as a second input channel."""
 
     def __init__(self, channels, z_channel):
         from monai.networks.nets import VQVAE, PatchDiscriminator as MonaiDiscriminator
         self.z_channel = z_channel
         inputs = 2 if z_channel else 1
         self.model = VQVAE(spatial_dims=2, in_channels=inputs, out_channels=1, channels=channels,
-                           num_res_channels=channels, num_res_layers=1,
-                           downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
-                           upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
+                           num_res_channels=channels, num_res_layers=MONAI_RES_LAYERS,
+                           downsample_parameters=((2, 4, 1, 1),) * len(channels),
+                           upsample_parameters=((2, 4, 1, 1, 0),) * len(channels),
                            num_embeddings=256, embedding_dim=8, output_act="TANH")
-        self.discriminator = MonaiDiscriminator(spatial_dims=2, channels=32, in_channels=inputs, num_layers_d=2)
+        self.discriminator = MonaiDiscriminator(spatial_dims=2, channels=MONAI_DISC_CHANNELS, in_channels=inputs,
+                                                num_layers_d=MONAI_DISC_LAYERS)
 
     def _with_z(self, images, zs):
         if not self.z_channel:
@@ -71,8 +82,8 @@ class MonaiPair:
 
 
 class OurPair:
-    """Our CPU preset (pre_train.py defaults, but 256 codes like MONAI's): VQVAE and PatchGAN,
-    z-conditioned or not."""
+    """Our preset (pre_train.py's constants after FIRST_STAGE_PRESET, but 256 codes like MONAI's):
+    VQVAE and PatchGAN, z-conditioned or not."""
 
     def __init__(self, z_conditioning):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
@@ -91,66 +102,97 @@ class OurPair:
 CONTESTANTS = {
     "ours, z": lambda: OurPair(True),
     "ours, no z": lambda: OurPair(False),
-    "MONAI, z channel": lambda: MonaiPair((56, 112), True),
-    "MONAI, no z": lambda: MonaiPair((56, 112), False),
+    "MONAI, z channel": lambda: MonaiPair(MONAI_CHANNELS, True),
+    "MONAI, no z": lambda: MonaiPair(MONAI_CHANNELS, False),
     "MONAI lean, z channel": lambda: MonaiPair((32, 64), True),
 }
 
 
+def autocast(device):
+    """bf16 autocast on a GPU (as pre_train.py), full fp32 on the CPU (its default)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def training_step(pair, optimizers, images, zs):
-    reconstruction, vq_loss = pair.reconstruct(images, zs)
-    loss = F.l1_loss(reconstruction, images) + vq_loss - GAN_WEIGHT * pair.judge(reconstruction, zs).mean()
+    with autocast(images.device):
+        reconstruction, vq_loss = pair.reconstruct(images, zs)
+        loss = (F.l1_loss(reconstruction.float(), images) + vq_loss
+                - GAN_WEIGHT * pair.judge(reconstruction, zs).float().mean())
     optimizers[0].zero_grad(set_to_none=True)
     loss.backward()
     optimizers[0].step()
-    logits = pair.judge(torch.cat([images, reconstruction.detach()]), torch.cat([zs, zs]))
-    d_loss = hinge_discriminator_loss(*logits.chunk(2))
+    with autocast(images.device):
+        logits = pair.judge(torch.cat([images, reconstruction.detach()]), torch.cat([zs, zs]))
+        d_loss = hinge_discriminator_loss(*logits.float().chunk(2))
     optimizers[1].zero_grad(set_to_none=True)
     d_loss.backward()
     optimizers[1].step()
 
 
 @torch.no_grad()
-def mean_ssim(pair, loader):
+def mean_ssim(pair, loader, device):
     pair.model.eval()
-    scores = [util.reconstruction_ssim(images, pair.reconstruct(images, zs)[0]) for images, _, _, zs in loader]
+    scores = []
+    for images, _, _, zs in loader:
+        images, zs = images.to(device), zs.to(device)
+        with autocast(device):
+            reconstruction = pair.reconstruct(images, zs)[0]
+        scores.append(util.reconstruction_ssim(images, reconstruction.float()))
     pair.model.train()
     return torch.cat(scores).mean().item()
 
 
-def make_optimizers(pair, lr):
-    return [torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.9))
+def make_pair(name, device):
+    pair = CONTESTANTS[name]()
+    pair.model.to(device)
+    pair.discriminator.to(device)
+    return pair
+
+
+def make_optimizers(pair, lr, device):
+    return [torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.9), fused=device.type == "cuda")
             for module in (pair.model, pair.discriminator)]
 
 
-def timed_training(make_pair, lr, train_loader, budget):
+def timed_training(name, lr, train_loader, budget, device):
     """Warm up on a throwaway pair, then train a fresh seeded one for `budget` seconds:
-    (pair, optimizers, training images/s)."""
-    throwaway = make_pair()
-    optimizers = make_optimizers(throwaway, lr)
+    (pair, optimizers, training images/s, mean GPU utilisation in % or None on the CPU)."""
+    throwaway = make_pair(name, device)
+    optimizers = make_optimizers(throwaway, lr, device)
     for images, _, _, zs in itertools.islice(train_loader, WARMUP_STEPS):
-        training_step(throwaway, optimizers, images, zs)
+        training_step(throwaway, optimizers, images.to(device), zs.to(device))
+    del throwaway, optimizers
+    util.synchronize(device)
     util.seed_everything(SEED)
-    pair = make_pair()
-    optimizers = make_optimizers(pair, lr)
-    images_seen, start, epoch = 0, time.time(), 0
+    pair = make_pair(name, device)
+    optimizers = make_optimizers(pair, lr, device)
+    images_seen, start, epoch, utilisation = 0, time.time(), 0, []
     while time.time() - start < budget:
         train_loader.sampler.set_epoch(epoch)
         for images, _, _, zs in train_loader:
+            images, zs = images.to(device, non_blocking=True), zs.to(device, non_blocking=True)
             training_step(pair, optimizers, images, zs)
             images_seen += len(images)
+            if device.type == "cuda":
+                utilisation.append(torch.cuda.utilization(device))
             if time.time() - start >= budget:
                 break
         epoch += 1
-    return pair, optimizers, images_seen / (time.time() - start)
+    util.synchronize(device)    # the queued kernels belong to the budget too
+    seconds = time.time() - start
+    return pair, optimizers, images_seen / seconds, sum(utilisation) / len(utilisation) if utilisation else None
 
 
-def peak_matmul_flops(size=2048, repeats=10):
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def peak_matmul_flops(device, repeats=10):
+    """Measured matmul FLOP/s: fp32 2048^2 on the CPU, bf16 8192^2 on a GPU (the dtypes each trains in)."""
+    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    util.synchronize(device)
     start = time.time()
     for _ in range(repeats):
         a @ b
+    util.synchronize(device)
     return 2 * size ** 3 * repeats / (time.time() - start)
 
 
@@ -162,39 +204,53 @@ def step_flops(pair, optimizers, images, zs):
 
 if __name__ == "__main__":
     util.apply_overrides(globals())
+    if FIRST_STAGE_PRESET:
+        util.apply_overrides(vars(pre_train), [FIRST_STAGE_PRESET])
+    unknown = [name for name in CONTESTANT_NAMES if name not in CONTESTANTS]
+    if unknown:
+        raise util.UserError(f"CONTESTANT_NAMES: unknown {unknown}; expected names of {list(CONTESTANTS)}")
+    device = util.get_device()
     torch.set_num_threads(THREADS)
-    train_loader = dataset.get_dataloader("train", BATCH_SIZE, None, pre_train.IMG_SIZE, seed=SEED)
-    validate_loader = dataset.get_dataloader("validate", 64, None, pre_train.IMG_SIZE)
-    test_loader = dataset.get_dataloader("test", 64, None, pre_train.IMG_SIZE)
+    img_size = pre_train.IMG_SIZE
+    train_loader = dataset.get_dataloader("train", BATCH_SIZE, None, img_size, seed=SEED)
+    validate_loader = dataset.get_dataloader("validate", 64, None, img_size)
+    test_loader = dataset.get_dataloader("test", 64, None, img_size)
     results = {}
-    for name, make_pair in CONTESTANTS.items():
+    for name in CONTESTANT_NAMES or CONTESTANTS:
         tuning = {}
         if len(LEARNING_RATES) > 1:
             for lr in LEARNING_RATES:
-                pair, _, _ = timed_training(make_pair, lr, train_loader, TUNE_SECONDS)
-                tuning[lr] = mean_ssim(pair, validate_loader)
+                pair = timed_training(name, lr, train_loader, TUNE_SECONDS, device)[0]
+                tuning[lr] = mean_ssim(pair, validate_loader, device)
             print(f"{name}: validation SSIM after {TUNE_SECONDS:.0f} s at each learning rate: "
                   + ", ".join(f"{lr:g} {ssim:.4f}" for lr, ssim in tuning.items()), flush=True)
         lr = max(tuning, key=tuning.get) if tuning else LEARNING_RATES[0]
-        pair, optimizers, images_per_second = timed_training(make_pair, lr, train_loader, BUDGET_SECONDS)
+        pair, optimizers, images_per_second, utilisation = timed_training(name, lr, train_loader, BUDGET_SECONDS,
+                                                                          device)
         params = [sum(p.numel() for p in module.parameters()) for module in (pair.model, pair.discriminator)]
-        results[name] = (params, lr, images_per_second, mean_ssim(pair, test_loader), pair, optimizers)
-        print(f"{name}: learning rate {lr:g}, {images_per_second:.1f} img/s, test SSIM {results[name][3]:.4f}",
+        results[name] = (params, lr, images_per_second, utilisation, mean_ssim(pair, test_loader, device), pair,
+                         optimizers)
+        print(f"{name}: learning rate {lr:g}, {images_per_second:.1f} img/s, test SSIM {results[name][4]:.4f}",
               flush=True)
 
-    print(f"\nsame loop, data, batch {BATCH_SIZE}, {pre_train.IMG_SIZE}x{pre_train.IMG_SIZE}, 16x16 latents, "
+    where = torch.cuda.get_device_name(device) + ", bf16 autocast, fused Adam" if device.type == "cuda" \
+        else f"CPU, {THREADS} threads"
+    print(f"\nsame loop, data, batch {BATCH_SIZE}, {img_size}x{img_size}, 16x16 latents, "
           f"256 x 8 codebook, {BUDGET_SECONDS:.0f} s of training each after {WARMUP_STEPS} warm-up steps, "
-          f"learning rate picked on validate from {LEARNING_RATES} after {TUNE_SECONDS:.0f} s each, {THREADS} threads")
-    print(f"{'model':22s} {'params (AE + D)':>16s} {'lr':>7s} {'train img/s':>12s} {'test SSIM':>10s}")
-    for name, ((model_params, disc_params), lr, images_per_second, ssim, _, _) in results.items():
+          + (f"learning rate picked on validate from {LEARNING_RATES} after {TUNE_SECONDS:.0f} s each, "
+             if len(LEARNING_RATES) > 1 else f"learning rate {LEARNING_RATES[0]:g}, ") + where)
+    print(f"{'model':22s} {'params (AE + D)':>16s} {'lr':>7s} {'train img/s':>12s} {'GPU busy':>9s} {'test SSIM':>10s}")
+    for name, ((model_params, disc_params), lr, images_per_second, utilisation, ssim, _, _) in results.items():
+        busy = f"{utilisation:.0f}%" if utilisation is not None else "-"
         print(f"{name:22s} {model_params / 1e6:6.2f}M + {disc_params / 1e6:.2f}M {lr:7g} {images_per_second:12.1f} "
-              f"{ssim:10.4f}")
+              f"{busy:>9s} {ssim:10.4f}")
 
-    peak = peak_matmul_flops()
-    _, _, images_per_second, _, pair, optimizers = results["ours, z"]
-    images, _, _, zs = next(iter(train_loader))
-    flops_per_image = step_flops(pair, optimizers, images, zs) / len(images)
-    achieved = flops_per_image * images_per_second
-    print(f"\npeak matmul (2048x2048 fp32): {peak / 1e9:.0f} GFLOP/s; our training step: "
-          f"{flops_per_image / 1e9:.2f} GFLOP per image x {images_per_second:.1f} img/s = "
-          f"{achieved / 1e9:.0f} GFLOP/s = {achieved / peak:.0%} of peak")
+    if "ours, z" in results:
+        peak = peak_matmul_flops(device)
+        _, _, images_per_second, _, _, pair, optimizers = results["ours, z"]
+        images, _, _, zs = next(iter(train_loader))
+        flops_per_image = step_flops(pair, optimizers, images.to(device), zs.to(device)) / len(images)
+        achieved = flops_per_image * images_per_second
+        print(f"\npeak matmul ({'bf16 8192' if device.type == 'cuda' else 'fp32 2048'}): {peak / 1e12:.2f} TFLOP/s; "
+              f"our training step: {flops_per_image / 1e9:.2f} GFLOP per image x {images_per_second:.1f} img/s = "
+              f"{achieved / 1e12:.3f} TFLOP/s = {achieved / peak:.1%} of peak")

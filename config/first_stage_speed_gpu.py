@@ -1,0 +1,14 @@
+# bench/first_stage_speed.py on a GPU: our GPU preset against MONAI's VQVAE of matched size
+# (4 stride-2 levels to the same 16x16 grid, 64/128/256/320 channels, 2 res layers, 17.6M
+# parameters; PatchDiscriminator 64 channels, 3 layers), both at 256x256, batch 32:
+#   python bench/first_stage_speed.py config/first_stage_speed_gpu.py
+FIRST_STAGE_PRESET = "config/pre_train_gpu.py"
+CONTESTANT_NAMES = ("ours, z", "MONAI, z channel")
+MONAI_CHANNELS = (64, 128, 256, 320)
+MONAI_RES_LAYERS = 2
+MONAI_DISC_CHANNELS = 64
+MONAI_DISC_LAYERS = 3
+BATCH_SIZE = 32
+LEARNING_RATES = (5e-4,)     # the GPU preset's; no tuning inside the device budget
+BUDGET_SECONDS = 30.0
+THREADS = 4
