@@ -113,12 +113,8 @@ def seed_everything(seed):
 
 
 def get_device():
-    """CUDA when present, else CPU: nothing in the project needs a GPU. On CUDA, float32 matrix
-    products may use TF32 tensor cores (what autocast does not cover: the prior, the U-Net)."""
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """CUDA when present, else CPU: nothing in the project needs a GPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def synchronize(device):
@@ -172,7 +168,6 @@ def setup_distributed():
                             f"or CPU processes with gloo (CUDA_VISIBLE_DEVICES= torchrun ...)")
         torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group("nccl")
-        get_device()   # TF32, as a single process
         return torch.device("cuda", local_rank)
     torch.distributed.init_process_group("gloo")
     return torch.device("cpu")

@@ -429,11 +429,13 @@ def test_score_scans_on_a_converted_nifti_volume(first_stage_dir, tmp_path, caps
         run_script("score_scans.py", arguments)
     run_script("score_scans.py", arguments + [f"--DATA_DIR={scans}"])
     results = json.loads((tmp_path / "vqvae_scans_my_scans.json").read_text())
-    # the per-z figures are those of the first stage's own reconstruction of the converted slices
-    model, config = load_first_stage(str(first_stage_dir / "ckpt" / "vqvae_best.pt"), "cpu")
-    volume = dataset.OasisSlices("test", scans, config["IMG_SIZE"]).volumes()[0]
+    # the per-z figures are those of the first stage's own reconstruction of the converted slices,
+    # on the script's device (a GPU's TF32 convolutions differ from the CPU's by ~1e-3 SSIM)
+    device = util.get_device()
+    model, config = load_first_stage(str(first_stage_dir / "ckpt" / "vqvae_best.pt"), device)
+    volume = dataset.OasisSlices("test", scans, config["IMG_SIZE"]).volumes()[0].to(device)
     with torch.no_grad():
-        expected = util.reconstruction_ssim(volume, model.reconstruct(volume, torch.arange(32))[0])
+        expected = util.reconstruction_ssim(volume, model.reconstruct(volume, torch.arange(32, device=device))[0])
     assert results["ssim_per_z"] == pytest.approx(expected.tolist(), abs=1e-5)
     assert list(results["ssim_per_brain"]) == ["1"] and results["ssim"] == pytest.approx(expected.mean().item())
     assert f"brain 1: {results['ssim']:.4f}" in capsys.readouterr().out
