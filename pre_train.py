@@ -249,9 +249,7 @@ if __name__ == "__main__":
                           "epoch": epoch + 1, "step": step, "best_val_ssim": best_val_ssim,
                           "train_seconds": train_seconds, "train_images": train_images,
                           **util.rng_states()}
-            if improved:
-                util.save_checkpoint(checkpoint, best_path)
-            util.save_checkpoint(checkpoint, last_path)
+            util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in epoch_stats.items())
                 + f", {len(train_loader) * BATCH_SIZE * world_size / (time.time() - epoch_start):.1f} img/s"

@@ -183,9 +183,7 @@ if __name__ == "__main__":
                           "stats": stats,
                           "epoch": epoch + 1, "step": step, "best_val_loss": best_val_loss,
                           "train_seconds": train_seconds, **util.rng_states()}
-            if improved:
-                util.save_checkpoint(checkpoint, best_path)
-            util.save_checkpoint(checkpoint, last_path)
+            util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val loss {val_loss:.4f}, "
                   f"{len(train_loader) * BATCH_SIZE * world_size / (time.time() - epoch_start):.1f} latents/s"
                   + (" (best)" if improved else ""))

@@ -89,6 +89,8 @@ MUTATIONS = [
      "histogram_nats_per_code(train_codes, validate_codes, num_codes, count)",
      "histogram_nats_per_code(train_codes, test_codes, num_codes, count)",
      [SECOND_STAGE + "test_histogram_baseline_smooths_with_the_pseudo_count_best_on_validate"]),
+    ("best_checkpoint_never_placed", "util.py", "_place_copy(tmp_path, also)", "pass",
+     ["tests/test_util.py::test_best_checkpoint_is_written_once_and_kept_when_later_epochs_do_not_improve"]),
 ]
 
 

@@ -125,6 +125,23 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_best_checkpoint_is_written_once_and_kept_when_later_epochs_do_not_improve(tmp_path, monkeypatch, links):
+    last, best = str(tmp_path / "last.pt"), str(tmp_path / "best.pt")
+    def no_hard_links(*args):
+        raise OSError("no hard links on this file system")
+
+    if not links:   # then best gets a copy
+        monkeypatch.setattr(os, "link", no_hard_links)
+    util.save_checkpoint({"epoch": 1}, last, also=best)
+    assert os.path.samefile(last, best) == links
+    util.save_checkpoint({"epoch": 2}, last)                # no improvement: best stays at epoch 1
+    assert util.load_checkpoint(last)["epoch"] == 2 and util.load_checkpoint(best)["epoch"] == 1
+    util.save_checkpoint({"epoch": 3}, last, also=best)
+    assert util.load_checkpoint(last)["epoch"] == 3 and util.load_checkpoint(best)["epoch"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+
+
 def test_load_refuses_corrupt_missing_and_pickled_objects(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
