@@ -20,7 +20,8 @@ from module import code_counts_per_position
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 2)", "--PATCH_SIZE=2",
         "--NUM_CODES=32", "--CODE_DIM=4", "--LATENT_CHANNELS=4", "--DISC_CHANNELS=8", "--DISC_LAYERS=2",
-        "--BATCH_SIZE=8", "--GAN_START_STEP=4", "--LR=1e-3"]
+        "--BATCH_SIZE=8", "--GAN_START_STEP=4", "--LR=1e-3",
+        "--USE_BF16=False"]   # fp32 on every CPU: bf16 where a CPU has it would give each machine its own figures
 
 
 def arguments(demo_dir, out_dir, *extra):
@@ -55,6 +56,14 @@ def test_vqvae_training_improves_and_writes_everything(demo_dir, tmp_path, monke
     assert load_last(tmp_path)["epoch"] == 4
     pictures = os.listdir(tmp_path / "visualize")
     assert "vqvae_reconstruction_epoch004.png" in pictures and "vqvae_samples_epoch004.png" in pictures
+
+
+def test_bf16_autocast_by_default_exactly_where_the_cpu_has_bf16(demo_dir, tmp_path, monkeypatch):
+    default_precision = [arg for arg in arguments(demo_dir, tmp_path, "--EPOCHS=1") if not arg.startswith("--USE_BF16")]
+    run_pre_train(monkeypatch, default_precision)
+    summary = json.loads((tmp_path / "log" / "vqvae_summary.json").read_text())
+    assert summary["bf16_autocast"] == util.cpu_has_bf16()
+    assert np.isfinite(read_log(str(tmp_path / "log" / "vqvae.log"))["rec_loss"][1]).all()
 
 
 def test_vae_mode_anneals_kl(demo_dir, tmp_path, monkeypatch):

@@ -49,8 +49,11 @@ def test_img_size_that_the_encoder_cannot_divide_names_the_rule(tmp_path):
 
 def test_value_of_the_wrong_type_names_the_type_and_an_example_without_parser_internals(tmp_path):
     returncode, _, stderr = run_script("pre_train.py", "--EPOCHS=ten", f"--CKPT_DIR={tmp_path}")
-    assert_one_sentence(returncode, stderr, "EPOCHS must be an integer, e.g. --EPOCHS=14 (its default); got 'ten'")
+    assert_one_sentence(returncode, stderr, "EPOCHS must be an integer, e.g. --EPOCHS=18 (its default); got 'ten'")
     assert "ast" not in stderr and "malformed" not in stderr
+    returncode, _, stderr = run_script("pre_train.py", "--USE_BF16=yes", f"--CKPT_DIR={tmp_path}")
+    assert_one_sentence(returncode, stderr, "USE_BF16 must be None (where the CPU has bf16 instructions), True or "
+                                            "False, got 'yes'")
 
 
 def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
