@@ -128,6 +128,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("links", [True, False])
 def test_best_checkpoint_is_written_once_and_kept_when_later_epochs_do_not_improve(tmp_path, monkeypatch, links):
     last, best = str(tmp_path / "last.pt"), str(tmp_path / "best.pt")
+
     def no_hard_links(*args):
         raise OSError("no hard links on this file system")
 
