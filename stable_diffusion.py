@@ -9,11 +9,11 @@ The U-Net learns to predict v (or the noise, PREDICTION) from noised first-stage
 posterior means),
 standardised per channel with the train split's mean and std (the original min-max scaled per z
 and per element, which 48 brains cannot estimate). An exponential moving average of the weights
-is what gets evaluated and sampled. Each epoch: log, validate-split loss at fixed timesteps and
-noise, model_ckpt/<run>_{last,best}.pt, and a grid of one sampled volume (z = 0..31 sharing one
-noise trajectory, DDIM) decoded by the first stage (VQVAE: each vector snapped to its nearest
-code first). Re-running resumes. At the end: the guidance scale is chosen on validate, test
-loss once, log/<run>_summary.json.
+is what gets evaluated and sampled. Every EVAL_EVERY epochs: log, validate-split loss at fixed
+timesteps and noise, model_ckpt/<run>_{last,best}.pt; every GRID_EVERY epochs a grid of one
+sampled volume (z = 0..31 sharing one noise trajectory, DDIM) decoded by the first stage (VQVAE:
+each vector snapped to its nearest code first). Re-running resumes. At the end: the guidance
+scale is chosen on validate, test loss once, log/<run>_summary.json.
 """
 import copy
 import json
@@ -58,6 +58,8 @@ MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last ste
 EMA_DECAY = 0.995            # weight EMA, per step
 SAMPLE_STEPS = 50            # DDIM steps for the sample grids (predict.py also runs the DDPM)
 GRID_EVERY = 10              # epochs between sample grids (a 32-slice volume, ~2 s here), and one of the best at the end
+EVAL_EVERY = 1               # epochs between validation + checkpoint (and after the last): on a GPU an epoch of the
+                             # demo latents takes ~1 s and a checkpoint write ~0.4 s, so the GPU preset takes 5
 SEED = 0
 CKPT_DIR = "model_ckpt"
 LATENT_DIR = "collected_latents"
@@ -91,7 +93,7 @@ def choose_guidance(model, diffusion, first_stage, first_stage_config, stats, de
 
 if __name__ == "__main__":
     config = util.apply_overrides(globals())
-    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "SAMPLE_STEPS", "GRID_EVERY"))
+    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "SAMPLE_STEPS", "GRID_EVERY", "EVAL_EVERY"))
     if LOSS not in ("mse", "l1"):
         raise util.UserError(f"LOSS must be 'mse' or 'l1', got {LOSS!r}")
     if not 0 <= EMA_DECAY < 1:
@@ -149,6 +151,7 @@ if __name__ == "__main__":
 
     step_values = util.StepValues(log, device, last_path, "Try a lower LR.")
     ema_params, unet_params = list(ema_unet.parameters()), list(unet.parameters())
+    span_start, span_latents = time.time(), 0     # throughput over the epochs since the last validation
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
@@ -168,14 +171,14 @@ if __name__ == "__main__":
             step += 1
         step_values.flush()
         train_seconds += time.time() - epoch_start
+        span_latents += len(train_loader) * BATCH_SIZE * world_size
 
-        if is_main:
+        if is_main and (epoch + 1) % GRID_EVERY == 0:
+            images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS)
+            util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
+        if is_main and ((epoch + 1) % EVAL_EVERY == 0 or epoch + 1 == EPOCHS):
             val_loss = evaluate(ema_unet, diffusion, validate_latents, validate["z"], device, SEED)
             log.write(step - 1, {"val_loss": val_loss})
-            if (epoch + 1) % GRID_EVERY == 0:
-                images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS)
-                util.save_image_grid(images, os.path.join(VISUALIZE_DIR,
-                                                          f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
             checkpoint = {"config": config, "model_args": model_args, "model": unet.state_dict(),
@@ -185,8 +188,8 @@ if __name__ == "__main__":
                           "train_seconds": train_seconds, **util.rng_states()}
             util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val loss {val_loss:.4f}, "
-                  f"{len(train_loader) * BATCH_SIZE * world_size / (time.time() - epoch_start):.1f} latents/s"
-                  + (" (best)" if improved else ""))
+                  f"{span_latents / (time.time() - span_start):.1f} latents/s" + (" (best)" if improved else ""))
+            span_start, span_latents = time.time(), 0
         if world_size > 1:
             torch.distributed.barrier()
 

@@ -369,9 +369,12 @@ def test_diffusion_learns_to_use_its_timestep_and_z(first_stage_dir, tmp_path):
     11% and 26% worse); a U-Net that ignores t or z would not."""
     run_script("stable_diffusion.py", second_stage_args(
         first_stage_dir, *TINY_DIFFUSION, *NO_SEARCH["stable_diffusion.py"], "--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3",
-        "--EMA_DECAY=0.9",
+        "--EMA_DECAY=0.9", "--EVAL_EVERY=3",
         f"--CKPT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"))
     unet, diffusion, checkpoint = load_diffusion(str(tmp_path / "vqvae_diffusion_best.pt"), "cpu")
+    steps_per_epoch = checkpoint["step"] // checkpoint["epoch"]     # validated after epochs 3, 6 and the last, 8
+    assert list(read_log(str(tmp_path / "vqvae_diffusion.log"))["val_loss"][0]) == [
+        epoch * steps_per_epoch - 1 for epoch in (3, 6, 8)]
     validate = util.load_checkpoint(str(first_stage_dir / "latents" / "vqvae_validate.pt"))
     stats = checkpoint["stats"]
     latents = ((diffusion_latents(validate) - stats["latent_mean"]) / stats["latent_std"]).repeat(4, 1, 1, 1)
