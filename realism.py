@@ -241,10 +241,9 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes):
         figures = score(describe(sample(setting), critic, train_volumes), reference)
         rows.append({"setting": setting, "figures": figures, "distance_to_real": distance_to_real(figures, real)})
     metrics = [m for m in SELECTION_METRICS if all(m in row["distance_to_real"] for row in rows)]
-    for metric in metrics:
-        ranks = stats.rankdata([row["distance_to_real"][metric] for row in rows])
-        for row, rank in zip(rows, ranks):
-            row["mean_rank"] = row.get("mean_rank", 0.0) + rank / len(metrics)
+    ranks = np.stack([stats.rankdata([row["distance_to_real"][metric] for row in rows]) for metric in metrics])
+    for row, rank_sum in zip(rows, ranks.sum(0)):     # summed first: tied settings tie exactly
+        row["mean_rank"] = float(rank_sum) / len(metrics)
     best = min(rows, key=lambda row: row["mean_rank"])      # the first listed wins a tie
     return best["setting"], rows
 

