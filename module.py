@@ -132,6 +132,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_cluster_size", torch.ones(num_codes))
         self.register_buffer("ema_code_sum", self.codebook.clone())
         self.register_buffer("initialised", torch.tensor(False))
+        self._seen_initialised = False     # reading the buffer on a GPU waits for it: once is enough
 
     def nearest_code(self, vectors):
         """Index of the nearest code (Euclidean) for each row of vectors (N, code_dim), in fp32."""
@@ -147,8 +148,10 @@ class VectorQuantizer(nn.Module):
     def _random_rows(self, vectors, count):
         """`count` distinct random rows of vectors (repeats only when there are too few), taken
         from rank 0 so that every process gets the same."""
-        weights = torch.ones(len(vectors), device=vectors.device)
-        rows = vectors[torch.multinomial(weights, count, replacement=count > len(vectors))]
+        if count <= len(vectors):
+            rows = vectors[torch.randperm(len(vectors), device=vectors.device)[:count]]
+        else:
+            rows = vectors[torch.randint(len(vectors), (count,), device=vectors.device)]
         return _broadcast(rows.contiguous())
 
     @torch.no_grad()
@@ -160,7 +163,12 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, vectors, indices):
-        cluster_size = torch.bincount(indices, minlength=self.num_codes).type(vectors.dtype)
+        """One EMA step of the code statistics and dead-code restarts, with nothing read back to
+        the host (on a GPU, bincount, `dead.any()` and a count of dead codes would each make the
+        CPU wait for the queued kernels every step): every code draws a restart candidate and
+        only the dead ones take it."""
+        cluster_size = torch.zeros_like(self.ema_cluster_size).index_add_(
+            0, indices, torch.ones_like(indices, dtype=self.ema_cluster_size.dtype))
         code_sum = torch.zeros_like(self.ema_code_sum).index_add_(0, indices, vectors)
         self.ema_cluster_size.lerp_(_all_reduce_sum(cluster_size), 1 - self.ema_decay)
         self.ema_code_sum.lerp_(_all_reduce_sum(code_sum), 1 - self.ema_decay)
@@ -168,12 +176,11 @@ class VectorQuantizer(nn.Module):
         total = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
         self.codebook.copy_(self.ema_code_sum / smoothed[:, None])
-        dead = self.ema_cluster_size < self.dead_code_threshold
-        if dead.any():
-            restarted = self._random_rows(vectors, int(dead.sum()))
-            self.codebook[dead] = restarted
-            self.ema_code_sum[dead] = restarted
-            self.ema_cluster_size[dead] = self.dead_code_threshold
+        dead = (self.ema_cluster_size < self.dead_code_threshold)[:, None]
+        restarted = self._random_rows(vectors, self.num_codes)
+        self.codebook.copy_(torch.where(dead, restarted, self.codebook))
+        self.ema_code_sum.copy_(torch.where(dead, restarted, self.ema_code_sum))
+        self.ema_cluster_size.clamp_(min=self.dead_code_threshold)     # the restarted ones: at the threshold
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
@@ -183,8 +190,10 @@ class VectorQuantizer(nn.Module):
         Runs in fp32 under autocast: distances and EMA sums need the precision."""
         batch, _, height, width = latents.shape
         vectors = rearrange(latents, "b d h w -> (b h w) d").float()
-        if self.training and not self.initialised:
-            self._initialise(vectors.detach())
+        if self.training and not self._seen_initialised:
+            if not self.initialised:
+                self._initialise(vectors.detach())
+            self._seen_initialised = True
         indices = self.nearest_code(vectors)
         quantised = rearrange(self.codebook[indices], "(b h w) d -> b d h w", b=batch, h=height)
         if self.training:
