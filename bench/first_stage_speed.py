@@ -83,25 +83,36 @@ class MonaiPair:
 
 class OurPair:
     """Our preset (pre_train.py's constants after FIRST_STAGE_PRESET, but 256 codes like MONAI's):
-    VQVAE and PatchGAN, z-conditioned or not."""
+    VQVAE and PatchGAN, z-conditioned or not. Two probes of where our GPU step loses time (its
+    GroupNorm, SiLU and z-scaling passes over 128x128 activations, and cuDNN's NCHW <-> NHWC
+    conversions): `channels_last` stores weights and activations NHWC; `compiled` runs both
+    networks through torch.compile (kernel fusion; its compile time is in the warm-up)."""
 
-    def __init__(self, z_conditioning):
+    def __init__(self, z_conditioning, channels_last=False, compiled=False):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
         config.update(NUM_CODES=256, Z_CONDITIONING=z_conditioning)     # MONAI's codebook size
         self.model = model_VAE.build_model(config)
         self.discriminator = model_discriminator.build_discriminator(config)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
+        self.run_model, self.run_discriminator = (torch.compile(module) if compiled else module
+                                                  for module in (self.model, self.discriminator))
 
     def reconstruct(self, images, zs):
-        reconstruction, vq_loss, _ = self.model(images, zs)
+        reconstruction, vq_loss, _ = self.run_model(images.contiguous(memory_format=self.memory_format), zs)
         return reconstruction, vq_loss
 
     def judge(self, images, zs):
-        return self.discriminator(images, zs)
+        return self.run_discriminator(images.contiguous(memory_format=self.memory_format), zs)
 
 
 CONTESTANTS = {
     "ours, z": lambda: OurPair(True),
     "ours, no z": lambda: OurPair(False),
+    "ours, z, channels-last": lambda: OurPair(True, channels_last=True),
+    "ours, z, compiled": lambda: OurPair(True, compiled=True),
     "MONAI, z channel": lambda: MonaiPair(MONAI_CHANNELS, True),
     "MONAI, no z": lambda: MonaiPair(MONAI_CHANNELS, False),
     "MONAI lean, z channel": lambda: MonaiPair((32, 64), True),
@@ -158,12 +169,14 @@ def make_optimizers(pair, lr, device):
 def timed_training(name, lr, train_loader, budget, device):
     """Warm up on a throwaway pair, then train a fresh seeded one for `budget` seconds:
     (pair, optimizers, training images/s, mean GPU utilisation in % or None on the CPU)."""
+    warmup_start = time.time()
     throwaway = make_pair(name, device)
     optimizers = make_optimizers(throwaway, lr, device)
     for images, _, _, zs in itertools.islice(train_loader, WARMUP_STEPS):
         training_step(throwaway, optimizers, images.to(device), zs.to(device))
     del throwaway, optimizers
     util.synchronize(device)
+    print(f"{name}: {WARMUP_STEPS} warm-up steps took {time.time() - warmup_start:.1f} s", flush=True)
     util.seed_everything(SEED)
     pair = make_pair(name, device)
     optimizers = make_optimizers(pair, lr, device)
@@ -240,10 +253,10 @@ if __name__ == "__main__":
           f"256 x 8 codebook, {BUDGET_SECONDS:.0f} s of training each after {WARMUP_STEPS} warm-up steps, "
           + (f"learning rate picked on validate from {LEARNING_RATES} after {TUNE_SECONDS:.0f} s each, "
              if len(LEARNING_RATES) > 1 else f"learning rate {LEARNING_RATES[0]:g}, ") + where)
-    print(f"{'model':22s} {'params (AE + D)':>16s} {'lr':>7s} {'train img/s':>12s} {'GPU busy':>9s} {'test SSIM':>10s}")
+    print(f"{'model':24s} {'params (AE + D)':>16s} {'lr':>7s} {'train img/s':>12s} {'GPU busy':>9s} {'test SSIM':>10s}")
     for name, ((model_params, disc_params), lr, images_per_second, utilisation, ssim, _, _) in results.items():
         busy = f"{utilisation:.0f}%" if utilisation is not None else "-"
-        print(f"{name:22s} {model_params / 1e6:6.2f}M + {disc_params / 1e6:.2f}M {lr:7g} {images_per_second:12.1f} "
+        print(f"{name:24s} {model_params / 1e6:6.2f}M + {disc_params / 1e6:.2f}M {lr:7g} {images_per_second:12.1f} "
               f"{busy:>9s} {ssim:10.4f}")
 
     if "ours, z" in results:
