@@ -91,6 +91,12 @@ MUTATIONS = [
      [SECOND_STAGE + "test_histogram_baseline_smooths_with_the_pseudo_count_best_on_validate"]),
     ("best_checkpoint_never_placed", "util.py", "_place_copy(tmp_path, also)", "pass",
      ["tests/test_util.py::test_best_checkpoint_is_written_once_and_kept_when_later_epochs_do_not_improve"]),
+    ("dead_codes_never_restarted", "module.py", "dead = (self.ema_cluster_size < self.dead_code_threshold)[:, None]",
+     "dead = torch.zeros_like(self.ema_cluster_size, dtype=torch.bool)[:, None]",
+     ["tests/test_models.py::test_dead_codes_are_restarted_so_the_whole_codebook_is_used"]),
+    ("diffusion_validates_every_epoch", "stable_diffusion.py",
+     "(epoch + 1) % EVAL_EVERY == 0 or epoch + 1 == EPOCHS", "True",
+     [SECOND_STAGE + "test_diffusion_learns_to_use_its_timestep_and_z"]),
 ]
 
 
