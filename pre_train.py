@@ -138,9 +138,6 @@ def save_grids(model, loader, code_histogram, device, epoch):
 if __name__ == "__main__":
     config = util.apply_overrides(globals(), other_types={"ENCODER_RES_BLOCKS": tuple, "DECODER_RES_BLOCKS": tuple})
     util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "KL_CYCLE_STEPS", "RANDOM_LATENTS"))
-    if USE_BF16 not in (None, True, False):
-        raise util.UserError(f"USE_BF16 must be None (where the CPU has bf16 instructions), True or False, "
-                             f"got {USE_BF16!r}")
     if TRAIN_SPLIT not in dataset.TRAINING_MODES:
         raise util.UserError(f"TRAIN_SPLIT must be one of {', '.join(dataset.TRAINING_MODES)}, got {TRAIN_SPLIT!r}")
     run_name = RUN_NAME or MODE.lower()
@@ -151,10 +148,9 @@ if __name__ == "__main__":
     util.seed_everything(SEED)
     model = build_model(config).to(device)        # checks the shape constants before the data loads
     discriminator = build_discriminator(config).to(device)
+    amp_dtype = util.cpu_autocast_dtype(USE_BF16)       # (checks USE_BF16 on every device)
     if device.type == "cuda":   # bf16 mixed precision where the GPU has it (no loss scaling needed)
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    else:
-        amp_dtype = torch.bfloat16 if (util.cpu_has_bf16() if USE_BF16 is None else USE_BF16) else None
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

@@ -125,6 +125,14 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
+def cpu_autocast_dtype(use_bf16):
+    """torch.bfloat16 where a CPU run should train under autocast, else None. use_bf16 (a
+    script's USE_BF16): None = where the CPU has bf16 instructions, True / False to force."""
+    if use_bf16 not in (None, True, False):
+        raise UserError(f"USE_BF16 must be None (where the CPU has bf16 instructions), True or False, got {use_bf16!r}")
+    return torch.bfloat16 if (cpu_has_bf16() if use_bf16 is None else use_bf16) else None
+
+
 def synchronize(device):
     """Wait for a GPU's queued kernels (timing asynchronous CUDA work); nothing on the CPU."""
     if device.type == "cuda":

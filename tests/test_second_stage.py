@@ -34,9 +34,22 @@ LEARNED_VQVAE = ["--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3", "--GAN_START_STEP=
 TINY_CRITIC = ["--IMG_SIZE=32", "--EPOCHS=2", "--CHANNELS=(4, 8, 16)", "--BATCH_SIZE=16"]
 TINY_PREDICT = ["--VOLUMES=2", "--TSNE_POINTS=64", "--DDPM_STEPS=100"]
 TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3",
-              "--SWEEP_VOLUMES=2", "--TOP_KS=(0, 8)"]
+              "--SWEEP_VOLUMES=2", "--TOP_KS=(0, 8)", "--USE_BF16=False"]     # fp32, as TINY_FIRST_STAGE
 TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5",
-                  "--SWEEP_VOLUMES=2"]
+                  "--SWEEP_VOLUMES=2", "--USE_BF16=False"]
+
+
+def default_precision(arguments):
+    """arguments without --USE_BF16: bf16 autocast where the scripts' default puts it."""
+    return [argument for argument in arguments if not argument.startswith("--USE_BF16")]
+
+
+def assert_bf16_by_default(summary_path):
+    """Trained with default precision: bf16 autocast exactly on a CPU with bf16 instructions."""
+    summary = json.loads(summary_path.read_text())
+    assert summary["bf16_autocast"] == (util.get_device().type == "cpu" and util.cpu_has_bf16())
+
+
 # runs whose CKPT_DIR holds no brain critic sample with one setting, which needs no search on validate
 NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_KS=(0,)"], "stable_diffusion.py": ["--GUIDANCE_SCALES=(1.0,)"]}
 
@@ -328,7 +341,8 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     log = read_log(str(first_stage_dir / "log" / "vqvae_diffusion.log"))
     val = log["val_loss"][1]
     assert len(val) == 6 and val[-1] < 0.9 * val[0]
-    run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=1", *TINY_PRIOR))
+    run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=1", *default_precision(TINY_PRIOR)))
+    assert_bf16_by_default(first_stage_dir / "log" / "vqvae_prior_summary.json")
     # each sampler's setting was chosen on validate: the best mean rank over the searched ones
     for run, setting, options in (("prior", "sampling", 4), ("diffusion", "guidance", 3)):
         summary = json.loads((first_stage_dir / "log" / f"vqvae_{run}_summary.json").read_text())
@@ -418,7 +432,8 @@ def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
 
 def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
     run_script("stable_diffusion.py", second_stage_args(first_stage_dir, "--FIRST_STAGE=vae", "--EPOCHS=1",
-                                                        *TINY_DIFFUSION))
+                                                        *default_precision(TINY_DIFFUSION)))
+    assert_bf16_by_default(first_stage_dir / "log" / "vae_diffusion_summary.json")
     checkpoint = util.load_checkpoint(str(first_stage_dir / "ckpt" / "vae_diffusion_best.pt"))
     assert checkpoint["stats"]["latent_shape"] == (4, 8, 8)       # the means, not mean and log-variance
     run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--FIRST_STAGE=vae",
