@@ -153,7 +153,7 @@ if __name__ == "__main__":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
 
     def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        return util.autocast(device, amp_dtype)
 
     train_loader = dataset.get_dataloader(TRAIN_SPLIT, BATCH_SIZE, DATA_DIR, IMG_SIZE, seed=SEED)
     validate_loader = dataset.get_dataloader("validate", 32, DATA_DIR, IMG_SIZE)

@@ -107,7 +107,9 @@ if __name__ == "__main__":
     util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "GRID_EVERY"))
     run_name = RUN_NAME or f"{FIRST_STAGE}_prior"
     device = util.setup_distributed()
-    amp_dtype = util.cpu_autocast_dtype(USE_BF16) if device.type == "cpu" else None
+    amp_dtype = util.cpu_autocast_dtype(USE_BF16)       # (checks USE_BF16 on every device)
+    if device.type == "cuda":   # fp32: see USE_BF16
+        amp_dtype = None
     world_size, rank = util.world_size_and_rank()
     is_main = rank == 0
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
@@ -150,7 +152,7 @@ if __name__ == "__main__":
             codes, z = codes.to(device), z.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with util.autocast(device, amp_dtype):
                 loss = nats_per_code(model(codes, z), codes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -133,6 +133,11 @@ def cpu_autocast_dtype(use_bf16):
     return torch.bfloat16 if (cpu_has_bf16() if use_bf16 is None else use_bf16) else None
 
 
+def autocast(device, dtype):
+    """Mixed precision on `device` in `dtype` (torch.bfloat16); dtype None: full precision."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def synchronize(device):
     """Wait for a GPU's queued kernels (timing asynchronous CUDA work); nothing on the CPU."""
     if device.type == "cuda":

@@ -122,7 +122,7 @@ CONTESTANTS = {
 def autocast(device):
     """bf16 autocast on a GPU (as pre_train.py); fp32 on the CPU, as the README's CPU rows were
     measured (pre_train.py now uses bf16 on CPUs that have it: see USE_BF16)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return util.autocast(device, torch.bfloat16 if device.type == "cuda" else None)
 
 
 def training_step(pair, optimizers, images, zs):
