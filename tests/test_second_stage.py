@@ -300,17 +300,17 @@ def test_latent_dataset_writes_each_split_in_order(first_stage_dir, demo_dir):
 def test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises(first_stage_dir, tmp_path):
     arguments = second_stage_args(first_stage_dir, *TINY_PRIOR, *NO_SEARCH["train_viT.py"], "--LR=5e-3", f"--CKPT_DIR={tmp_path}",
                                   f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")
-    run_script("train_viT.py", arguments + ["--EPOCHS=7"])
+    run_script("train_viT.py", arguments + ["--EPOCHS=15"])
     val = read_log(str(tmp_path / "vqvae_prior.log"))["val_loss"][1]
-    assert len(val) == 7 and val[-1] < val[0] < math.log(32) + 0.1
-    run_script("train_viT.py", arguments + ["--EPOCHS=8"])
-    assert util.load_checkpoint(str(tmp_path / "vqvae_prior_last.pt"))["epoch"] == 8
-    assert np.array_equal(read_log(str(tmp_path / "vqvae_prior.log"))["train_loss"][0], np.arange(8 * 8))
+    assert len(val) == 15 and val[-1] < val[0] < math.log(32) + 0.1
+    run_script("train_viT.py", arguments + ["--EPOCHS=16"])
+    assert util.load_checkpoint(str(tmp_path / "vqvae_prior_last.pt"))["epoch"] == 16
+    assert np.array_equal(read_log(str(tmp_path / "vqvae_prior.log"))["train_loss"][0], np.arange(16 * 8))
     summary = json.loads((tmp_path / "vqvae_prior_summary.json").read_text())
     assert (tmp_path / "vqvae_prior_samples_best.png").exists()
     # each position's code histogram (smoothing chosen on validate) is about what a prior blind to
-    # its context reaches: 1.75 nats here, the prior 1.68
-    assert summary["test_nats_per_code"] < summary["test_nats_per_code_histogram"] - 0.02
+    # its context reaches: 1.80 nats here, the prior 1.50 (0.16-0.30 lower under seeds 0-4)
+    assert summary["test_nats_per_code"] < summary["test_nats_per_code_histogram"] - 0.1
     # on held-out codes, the context of the slice 16 z-indices away, or that slice's z, cost the prior;
     # z is read where the context says little yet: the first row of codes (later codes reveal z too)
     prior, _ = load_prior(str(tmp_path / "vqvae_prior_best.pt"), "cpu")
@@ -322,8 +322,8 @@ def test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises
         first_row = {name: nats_per_code(prior(context, zs)[:, :codes.shape[2]], codes[:, :1]).item()
                      for name, (context, zs) in told.items()}
     assert nats["true"] == pytest.approx(summary["test_nats_per_code"], abs=1e-5)
-    assert nats["other context"] > nats["true"] + 0.2                       # +0.47
-    assert first_row["other z"] > first_row["true"] + 0.05                  # +0.15 (over all codes: +0.02)
+    assert nats["other context"] > nats["true"] + 0.5                       # +1.08
+    assert first_row["other z"] > first_row["true"] + 0.1                   # +0.30 (over all codes: +0.05)
 
 
 def test_prior_refuses_vae_latents(first_stage_dir, tmp_path):
