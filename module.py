@@ -12,10 +12,24 @@ from torch import nn
 import util
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that stays in autocast's dtype on a GPU. CUDA autocast runs group_norm in
+    fp32 (CPU autocast does not), so every SiLU, scale-shift and residual add after a norm would
+    move twice the bytes and each conv would first cast back; the kernel sums its statistics in
+    fp32 either way."""
+
+    def forward(self, x):
+        if not (x.is_cuda and torch.is_autocast_enabled("cuda")):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.autocast("cuda", enabled=False):
+            return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+
+
 def group_norm(channels):
     """GroupNorm with 32 groups, or the largest divisor of `channels` below that."""
     groups = max(g for g in range(1, 33) if channels % g == 0)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return GroupNorm(groups, channels, eps=1e-6)
 
 
 class ConditionEmbedding(nn.Module):

@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +34,7 @@ import util  # noqa: E402
 import model_discriminator  # noqa: E402
 import model_VAE  # noqa: E402
 from model_discriminator import hinge_discriminator_loss  # noqa: E402
+from module import GroupNorm  # noqa: E402
 
 FIRST_STAGE_PRESET = ""      # a config/pre_train*.py file for our contestant ("" = pre_train.py's CPU preset);
                              # its IMG_SIZE is everyone's image size
@@ -42,6 +44,8 @@ MONAI_RES_LAYERS = 1
 MONAI_DISC_CHANNELS = 32
 MONAI_DISC_LAYERS = 2
 BUDGET_SECONDS = 150.0       # training time of each contestant's final run
+PROFILE_STEPS = 0            # > 0: then profile this many more training steps of each contestant and print
+                             # its costliest operators (self time on the GPU, or on the CPU without one)
 TUNE_SECONDS = 30.0          # training time of each candidate learning rate
 LEARNING_RATES = (2.5e-4, 5e-4, 1e-3, 2e-3)   # candidates for every contestant (one entry: no tuning)
 WARMUP_STEPS = 5             # untimed steps of a throwaway copy before every timed run
@@ -83,16 +87,21 @@ class MonaiPair:
 
 class OurPair:
     """Our preset (pre_train.py's constants after FIRST_STAGE_PRESET, but 256 codes like MONAI's):
-    VQVAE and PatchGAN, z-conditioned or not. Two probes of where our GPU step loses time (its
+    VQVAE and PatchGAN, z-conditioned or not. Three probes of where our GPU step loses time (its
     GroupNorm, SiLU and z-scaling passes over 128x128 activations, and cuDNN's NCHW <-> NHWC
-    conversions): `channels_last` stores weights and activations NHWC; `compiled` runs both
+    conversions): `fp32_norms` makes the norms plain nn.GroupNorm, which CUDA autocast runs in fp32
+    (ours stay bf16); `channels_last` stores weights and activations NHWC; `compiled` runs both
     networks through torch.compile (kernel fusion; its compile time is in the warm-up)."""
 
-    def __init__(self, z_conditioning, channels_last=False, compiled=False):
+    def __init__(self, z_conditioning, fp32_norms=False, channels_last=False, compiled=False):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
         config.update(NUM_CODES=256, Z_CONDITIONING=z_conditioning)     # MONAI's codebook size
         self.model = model_VAE.build_model(config)
         self.discriminator = model_discriminator.build_discriminator(config)
+        if fp32_norms:
+            for module in (*self.model.modules(), *self.discriminator.modules()):
+                if isinstance(module, GroupNorm):
+                    module.__class__ = nn.GroupNorm     # same parameters, the parent's forward
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -111,6 +120,7 @@ class OurPair:
 CONTESTANTS = {
     "ours, z": lambda: OurPair(True),
     "ours, no z": lambda: OurPair(False),
+    "ours, z, fp32 norms": lambda: OurPair(True, fp32_norms=True),
     "ours, z, channels-last": lambda: OurPair(True, channels_last=True),
     "ours, z, compiled": lambda: OurPair(True, compiled=True),
     "MONAI, z channel": lambda: MonaiPair(MONAI_CHANNELS, True),
@@ -197,6 +207,19 @@ def timed_training(name, lr, train_loader, budget, device):
     return pair, optimizers, images_seen / seconds, sum(utilisation) / len(utilisation) if utilisation else None
 
 
+def print_profile(name, pair, optimizers, train_loader, device):
+    """PROFILE_STEPS training steps under torch.profiler: the 12 operators with the most self time."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for images, _, _, zs in itertools.islice(train_loader, PROFILE_STEPS):
+            training_step(pair, optimizers, images.to(device), zs.to(device))
+        util.synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"{name}: {PROFILE_STEPS} profiled steps\n"
+          + profiler.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=60), flush=True)
+
+
 def peak_matmul_flops(device, repeats=10):
     """Measured matmul FLOP/s: fp32 2048^2 on the CPU, bf16 8192^2 on a GPU (the dtypes each trains in)."""
     size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
@@ -246,6 +269,8 @@ if __name__ == "__main__":
                          optimizers)
         print(f"{name}: learning rate {lr:g}, {images_per_second:.1f} img/s, test SSIM {results[name][4]:.4f}",
               flush=True)
+        if PROFILE_STEPS:
+            print_profile(name, pair, optimizers, train_loader, device)
 
     where = torch.cuda.get_device_name(device) + ", bf16 autocast, fused Adam" if device.type == "cuda" \
         else f"CPU, {THREADS} threads"

@@ -10,7 +10,7 @@ import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
 from model_VAE import VAE, VQVAE, build_model
-from module import ResBlock, VectorQuantizer, codebook_stats
+from module import ResBlock, VectorQuantizer, codebook_stats, group_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks_encoder=1, num_res_blocks_decoder=1,
@@ -116,6 +116,23 @@ def test_quantizer_runs_in_fp32_under_autocast():
     assert quantised.dtype == loss.dtype == torch.float32
     assert torch.equal(indices, quantizer.nearest_code(latents.bfloat16().permute(0, 2, 3, 1).reshape(-1, 8)).view(2, 8, 8))
     assert (indices == expected).float().mean() > 0.9       # only bf16 rounding of the input differs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_group_norm_stays_bf16_under_cuda_autocast():
+    torch.manual_seed(0)
+    norm = group_norm(64).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (3 * torch.randn(4, 64, 16, 16) + 1).cuda()
+    reference = F.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16                     # nn.GroupNorm would give fp32 here
+    assert (out.float() - reference).abs().max() < 0.1     # bf16 rounding of input and output: < 0.05
+    out.float().square().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
 
 
 def _quantizer_on_two_ranks(rank, init_file):
