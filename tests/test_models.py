@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -220,6 +221,21 @@ def test_gpu_preset_is_the_original_full_size():
     with torch.no_grad():
         assert discriminator(torch.zeros(1, 1, 256, 256), torch.tensor([4])).shape == (1, 1, 30, 30)
         assert model(torch.zeros(1, 1, 32, 32), torch.tensor([4]))[0].shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("preset, latent_grid", [("gpu", 16), ("sharp", 32)])
+def test_second_stage_presets_model_their_first_stage(preset, latent_grid):
+    """config/*_<preset>.py: the prior, the diffusion and predict.py read the run that
+    config/pre_train_<preset>.py trains, whose latent grid is latent_grid x latent_grid."""
+    def preset_config(script):
+        module = importlib.import_module(script)
+        namespace = {name: getattr(module, name) for name in util.config_names(vars(module))}
+        return util.apply_overrides(namespace, [os.path.join(ROOT, "config", f"{script}_{preset}.py")])
+
+    first_stage = preset_config("pre_train")
+    assert build_model(first_stage).latent_shape(first_stage["IMG_SIZE"])[1:] == (latent_grid, latent_grid)
+    for script in ("train_viT", "stable_diffusion", "predict"):
+        assert preset_config(script)["FIRST_STAGE"] == first_stage["RUN_NAME"], script
 
 
 # ----------------------------------------------------------------------------- GAN losses
