@@ -29,7 +29,7 @@ gpu: $(VENV)/.runtime-installed
 	$(PY) predict.py config/predict_gpu.py
 	$(PY) logger.py
 
-# the CPU pipeline on a 32x32 latent grid (config/*_sharp.py): sharper, ~2x the time of `make`
+# the CPU pipeline on a 32x32 latent grid (config/*_sharp.py): sharper, slower than `make`
 sharp: $(VENV)/.runtime-installed
 	$(PY) dataset.py
 	$(PY) train_critic.py

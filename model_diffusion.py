@@ -20,17 +20,20 @@ class LatentUNet(nn.Module):
     MLP) and summed into one condition vector that every res block receives; z = NULL_Z adds
     nothing (trained on a share of the steps, it gives classifier-free guidance its unconditional
     prediction). Per level: res blocks (+ attention at the lowest level); skip connections are
-    concatenated on the way up."""
+    concatenated on the way up. `patch_size` p > 1 folds each p x p patch of latents into channels
+    before the first level and unfolds the output (space-to-depth, as DiT's patches): a 32x32
+    latent grid then costs what a 16x16 one does."""
 
     def __init__(self, in_channels, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention=True,
-                 num_timesteps=1000, num_z_positions=32):
+                 num_timesteps=1000, num_z_positions=32, patch_size=1):
         super().__init__()
+        self.patch_size = patch_size
         cond_dim = 4 * base_channels
         self.time_embedding = ConditionEmbedding(num_timesteps, cond_dim)
         self.z_embedding = ConditionEmbedding(num_z_positions, cond_dim) if num_z_positions else None
         widths = [base_channels * mult for mult in channel_mults]
         lowest = len(widths) - 1
-        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * patch_size ** 2, widths[0], 3, padding=1)
         self.down, skip_channels, channels = nn.ModuleList(), [widths[0]], widths[0]
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
@@ -55,7 +58,7 @@ class LatentUNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(channels))
         self.norm_out = group_norm(channels)
-        self.conv_out = nn.Conv2d(channels, in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, in_channels * patch_size ** 2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)   # starts by predicting zero noise
         nn.init.zeros_(self.conv_out.bias)
 
@@ -66,7 +69,7 @@ class LatentUNet(nn.Module):
         if self.z_embedding is not None:
             known = (z != NULL_Z)[:, None]
             cond = cond + self.z_embedding(z.clamp(min=0)) * known
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size))
         skips = [h]
         for layer in self.down:
             h = layer(h, cond) if isinstance(layer, ResBlock) else layer(h)
@@ -79,7 +82,7 @@ class LatentUNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), cond)
             else:
                 h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
 
 
 class GaussianDiffusion(nn.Module):
@@ -209,23 +212,27 @@ def diffusion_latents(collected):
 
 def unet_args(config, latent_shape):
     """LatentUNet's arguments for a config and the first stage's latents (C, h, w), after checking
-    the rules the constants must follow: the U-Net halves the latent grid at each of its
-    len(CHANNEL_MULTS) - 1 downsamplings and must restore it exactly for the skips."""
-    util.check_positive_ints(config, ("BASE_CHANNELS",))
+    the rules the constants must follow: the U-Net folds PATCH_SIZE x PATCH_SIZE patches into
+    channels, halves the grid at each of its len(CHANNEL_MULTS) - 1 downsamplings and must
+    restore it exactly for the skips."""
+    util.check_positive_ints(config, ("BASE_CHANNELS", "PATCH_SIZE"))
     mults = util.checked_channel_mults(config)
     if type(config["RES_BLOCKS"]) is not int or config["RES_BLOCKS"] < 0:
         raise util.UserError(f"RES_BLOCKS must be an integer >= 0, got {config['RES_BLOCKS']!r}")
-    factor = 2 ** (len(mults) - 1)
+    patch, factor = config["PATCH_SIZE"], config["PATCH_SIZE"] * 2 ** (len(mults) - 1)
     channels, height, width = latent_shape
+    if height % patch or width % patch:
+        raise util.UserError(f"PATCH_SIZE={patch} must divide the first stage's latent grid, {height}x{width}")
     if height % factor or width % factor:
-        most = next(levels for levels in range(len(mults), 0, -1) if height % 2 ** (levels - 1) == 0
-                    and width % 2 ** (levels - 1) == 0)
+        most = next(levels for levels in range(len(mults), 0, -1) if height % (patch * 2 ** (levels - 1)) == 0
+                    and width % (patch * 2 ** (levels - 1)) == 0)
         raise util.UserError(f"CHANNEL_MULTS has {len(mults)} levels, so the U-Net needs latents whose sides are a "
-                             f"multiple of 2^(len(CHANNEL_MULTS) - 1) = {factor}; the first stage's are "
+                             f"multiple of PATCH_SIZE * 2^(len(CHANNEL_MULTS) - 1) = {factor}; the first stage's are "
                              f"{height}x{width}: use at most {most} levels, e.g. {tuple(mults[:most])}")
     return dict(in_channels=channels, base_channels=config["BASE_CHANNELS"], channel_mults=tuple(mults),
                 num_res_blocks=config["RES_BLOCKS"], attention=config["ATTENTION"],
-                num_timesteps=config["NUM_TIMESTEPS"], num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None)
+                num_timesteps=config["NUM_TIMESTEPS"], num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None,
+                patch_size=patch)
 
 
 def build_diffusion(config):

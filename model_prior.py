@@ -50,17 +50,32 @@ class TransformerBlock(nn.Module):
 
 
 class CodePrior(nn.Module):
-    """p(codes | z) = prod_i p(code_i | z, codes < i) over a latent grid read in raster order."""
+    """p(codes | z) over a latent grid read in raster order of patch_size x patch_size patches.
+    The transformer's position i reads z (position 0's start token) and the patches before i,
+    and predicts patch i's codes one after another, each from the transformer's output plus the
+    codes already drawn in its patch (a small residual MLP, like RQ-Transformer's depth step).
+    patch_size 1 is a plain GPT over codes; 2 on a 32x32 grid runs the transformer over 256
+    positions instead of 1,024: a quarter of the tokens and a sixteenth of the attention."""
 
-    def __init__(self, num_codes, grid_shape, num_z_positions, num_layers=4, num_heads=4, dim=128, dropout=0.1):
+    def __init__(self, num_codes, grid_shape, num_z_positions, num_layers=4, num_heads=4, dim=128, dropout=0.1,
+                 patch_size=1):
         super().__init__()
+        self.num_codes, self.patch_size = num_codes, patch_size
         self.grid_shape = tuple(grid_shape)
-        self.sequence_length = self.grid_shape[0] * self.grid_shape[1]
-        self.code_embedding = nn.Embedding(num_codes, dim)
+        self.patches_shape = (self.grid_shape[0] // patch_size, self.grid_shape[1] // patch_size)
+        self.sequence_length = self.patches_shape[0] * self.patches_shape[1]
+        self.codes_per_patch = patch_size ** 2
+        # one table per place in the patch, so the sum of a patch's embeddings keeps their order
+        self.code_embedding = nn.Embedding(self.codes_per_patch * num_codes, dim)
         self.z_embedding = nn.Embedding(num_z_positions, dim)      # the start token
         self.position_embedding = nn.Embedding(self.sequence_length, dim)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        if patch_size > 1:
+            self.in_patch_code_embedding = nn.Embedding(self.codes_per_patch * num_codes, dim)
+            self.in_patch_position = nn.Parameter(torch.zeros(self.codes_per_patch, dim))
+            self.in_patch_mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                              nn.Linear(4 * dim, dim))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_codes, bias=False)
         self.apply(self._init_weights)
@@ -72,49 +87,78 @@ class CodePrior(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _logits(self, tokens, start, caches):
-        """Logits after the token embeddings `tokens` (B, n, dim) at positions start..start+n-1."""
+    def _place_offsets(self, patches):
+        """Patches (B, n, codes_per_patch) as rows of the per-place embedding tables."""
+        return patches + torch.arange(self.codes_per_patch, device=patches.device) * self.num_codes
+
+    def _transform(self, tokens, start, caches):
+        """The transformer's outputs (B, n, dim) after the tokens (B, n, dim) at positions start..start+n-1."""
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.dropout(tokens + self.position_embedding(positions))
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache)
-        return self.head(self.norm(x))
+        return x
+
+    def _code_logits(self, x, patches):
+        """Logits (B, n, codes_per_patch, num_codes) of each code of the patches (B, n, codes_per_patch)
+        from the transformer's outputs x (B, n, dim); code j's logits read only the codes before j."""
+        if self.patch_size == 1:
+            return self.head(self.norm(x))[:, :, None]
+        drawn = self.in_patch_code_embedding(self._place_offsets(patches))
+        h = x[:, :, None] + self.in_patch_position + drawn.cumsum(2) - drawn     # the codes before j, summed
+        return self.head(self.norm(h + self.in_patch_mlp(h)))
+
+    def _patch_logits(self, patches, z):
+        """Patches (B, n, codes_per_patch), the first n of a grid, and z (B,) -> their codes' logits."""
+        earlier = self.code_embedding(self._place_offsets(patches[:, :-1])).sum(2)
+        tokens = torch.cat([self.z_embedding(z)[:, None], earlier], dim=1)
+        return self._code_logits(self._transform(tokens, 0, [None] * len(self.blocks)), patches)
 
     def forward(self, codes, z):
-        """Code grids (B, h, w), or their first n codes in raster order (B, n), and z (B,) ->
-        logits (B, h*w or n, num_codes); logits[:, i] predicts code i from z and the codes
-        before it (so the last code given is never read)."""
-        if codes.dim() == 3:
-            codes = rearrange(codes, "b h w -> b (h w)")
-        tokens = torch.cat([self.z_embedding(z)[:, None], self.code_embedding(codes[:, :-1])], dim=1)
-        return self._logits(tokens, 0, [None] * len(self.blocks))
+        """Code grids (B, h, w), or with patch_size 1 their first n codes in raster order (B, n),
+        and z (B,) -> logits (B, h*w or n, num_codes) in raster order; the logits of a code
+        predict it from z, the patches before its patch and the codes before it in its patch."""
+        if codes.dim() == 2:
+            if self.patch_size != 1:
+                raise ValueError("a raster prefix of codes only makes patches with patch_size 1")
+            return self._patch_logits(codes[:, :, None], z)[:, :, 0]
+        patches = rearrange(codes, "b (h p) (w q) -> b (h w) (p q)", p=self.patch_size, q=self.patch_size)
+        return rearrange(self._patch_logits(patches, z), "b (h w) (p q) k -> b (h p w q) k",
+                         h=self.patches_shape[0], p=self.patch_size)
 
     @torch.no_grad()
     def sample(self, z, temperature=1.0, top_k=0, use_cache=True):
-        """Code grids (B, h, w) drawn token by token for slice indices z (B,). With the KV cache
-        each code costs one position's work; without it (the original's way, kept to check and
-        time the cache against) each code costs a forward pass over all codes drawn before it."""
+        """Code grids (B, h, w) drawn code by code for slice indices z (B,). With the KV cache
+        each patch costs one position's work; without it (the original's way, kept to check and
+        time the cache against) each code costs a forward pass over all patches drawn before it."""
         caches = [{} for _ in self.blocks]
-        token, codes = self.z_embedding(z)[:, None], z.new_zeros(len(z), 0)
+        token = self.z_embedding(z)[:, None]
+        patches = z.new_zeros(len(z), 0, self.codes_per_patch)
         for position in range(self.sequence_length):
-            if use_cache:
-                logits = self._logits(token, position, caches)[:, -1]
-            else:      # the drawn codes and a placeholder for the one to draw, which is not read
-                logits = self(torch.cat([codes, codes.new_zeros(len(z), 1)], dim=1), z)[:, -1]
-            logits = logits.float() / temperature
-            if top_k:
-                threshold = logits.topk(top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < threshold, float("-inf"))
-            code = torch.multinomial(logits.softmax(-1), 1)
-            codes = torch.cat([codes, code], dim=1)
-            token = self.code_embedding(code)
-        return rearrange(codes, "b (h w) -> b h w", h=self.grid_shape[0])
+            patch = z.new_zeros(len(z), 1, self.codes_per_patch)     # codes not yet drawn are not read
+            x = self._transform(token, position, caches) if use_cache else None
+            for place in range(self.codes_per_patch):
+                if use_cache:
+                    logits = self._code_logits(x, patch)[:, -1, place]
+                else:
+                    logits = self._patch_logits(torch.cat([patches, patch], dim=1), z)[:, -1, place]
+                logits = logits.float() / temperature
+                if top_k:
+                    threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < threshold, float("-inf"))
+                patch[:, 0, place] = torch.multinomial(logits.softmax(-1), 1)[:, 0]
+            patches = torch.cat([patches, patch], dim=1)
+            token = self.code_embedding(self._place_offsets(patch)).sum(2)
+        return rearrange(patches, "b (h w) (p q) -> b (h p) (w q)", h=self.patches_shape[0], p=self.patch_size)
 
 
 def prior_args(config, num_codes, grid_shape):
     """CodePrior's arguments for a config and the first stage's codes, after checking the rules
     the constants must follow (each head gets N_EMBD / N_HEAD channels)."""
-    util.check_positive_ints(config, ("N_LAYER", "N_HEAD", "N_EMBD"))
+    util.check_positive_ints(config, ("N_LAYER", "N_HEAD", "N_EMBD", "PATCH_SIZE"))
+    if grid_shape[0] % config["PATCH_SIZE"] or grid_shape[1] % config["PATCH_SIZE"]:
+        raise util.UserError(f"PATCH_SIZE={config['PATCH_SIZE']} must divide the first stage's code grid, "
+                             f"{grid_shape[0]}x{grid_shape[1]}")
     if config["N_EMBD"] % config["N_HEAD"]:
         raise util.UserError(f"N_EMBD must be divisible by N_HEAD (each head gets N_EMBD / N_HEAD channels), "
                              f"e.g. N_EMBD={config['N_HEAD'] * max(1, round(config['N_EMBD'] / config['N_HEAD']))} "
@@ -129,7 +173,7 @@ def prior_args(config, num_codes, grid_shape):
                              f"codes, got {config['TOP_KS']}")
     return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
                 num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
-                dropout=config["DROPOUT"])
+                dropout=config["DROPOUT"], patch_size=config["PATCH_SIZE"])
 
 
 def load_prior(path, device):

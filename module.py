@@ -149,11 +149,12 @@ class VectorQuantizer(nn.Module):
         self._seen_initialised = False     # reading the buffer on a GPU waits for it: once is enough
 
     def nearest_code(self, vectors):
-        """Index of the nearest code (Euclidean) for each row of vectors (N, code_dim), in fp32."""
-        vectors, codebook = vectors.float(), self.codebook.float()
-        distances = (vectors.pow(2).sum(1, keepdim=True) - 2 * vectors @ codebook.T
-                     + codebook.pow(2).sum(1)[None])
-        return distances.argmin(1)
+        """Index of the nearest code (Euclidean) for each row of vectors (N, code_dim), in fp32.
+        |v - e|^2 = |v|^2 - 2 v.e + |e|^2, and |v|^2 is the same for every code: one fused
+        |e|^2 - 2 v.e (addmm) is all the argmin needs, which saves two passes over the N x codes
+        matrix (on a 32x32 latent grid a fifth of a CPU training step went to them)."""
+        codebook = self.codebook.float()
+        return torch.addmm(codebook.pow(2).sum(1)[None], vectors.float(), codebook.T, alpha=-2).argmin(1)
 
     def embed_indices(self, indices):
         """Code indices (B, H, W) -> quantised latents (B, code_dim, H, W)."""

@@ -37,6 +37,8 @@ FIRST_STAGE = "vqvae"        # run name of the first stage whose latents are mod
 RUN_NAME = ""                # "" = "<FIRST_STAGE>_diffusion"
 BASE_CHANNELS = 32           # the original: 32 / 64 channels, attention, ~0.7M params
 CHANNEL_MULTS = (1, 2)
+PATCH_SIZE = 1               # latents folded p x p into channels before the first level (2: a 32x32 grid
+                             # at a 16x16 grid's cost)
 RES_BLOCKS = 1               # res blocks per level (the up path has one more, for the skips)
 ATTENTION = True             # self-attention at the lowest level and in the middle
 Z_CONDITIONING = True        # embed the slice index z into every res block
@@ -70,8 +72,8 @@ LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
 
 # constants that fix tensor shapes or what the output means: a checkpoint made with others is refused
-SHAPE_KEYS = ("FIRST_STAGE", "BASE_CHANNELS", "CHANNEL_MULTS", "RES_BLOCKS", "ATTENTION", "Z_CONDITIONING",
-              "NUM_TIMESTEPS", "BETA_START", "BETA_END", "PREDICTION")
+SHAPE_KEYS = ("FIRST_STAGE", "BASE_CHANNELS", "CHANNEL_MULTS", "PATCH_SIZE", "RES_BLOCKS", "ATTENTION",
+              "Z_CONDITIONING", "NUM_TIMESTEPS", "BETA_START", "BETA_END", "PREDICTION")
 
 
 @torch.no_grad()

@@ -38,6 +38,8 @@ RUN_NAME = ""                # "" = "<FIRST_STAGE>_prior"
 N_LAYER = 4
 N_HEAD = 4
 N_EMBD = 128                 # the original: 2 layers, width 32, 2 heads
+PATCH_SIZE = 1               # codes read p x p at a time: each transformer position predicts a patch, code by code
+                             # (2 on a 32x32 grid: 256 positions instead of 1,024)
 DROPOUT = 0.1
 EPOCHS = 6                   # ~30 s each here; the validation loss still falls at 10 (3.33 nats/code)
 BATCH_SIZE = 32              # per process
@@ -61,7 +63,7 @@ LATENT_DIR = "collected_latents"
 LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
 
-SHAPE_KEYS = ("FIRST_STAGE", "N_LAYER", "N_HEAD", "N_EMBD")
+SHAPE_KEYS = ("FIRST_STAGE", "N_LAYER", "N_HEAD", "N_EMBD", "PATCH_SIZE")
 
 
 def histogram_nats_per_code(train_codes, codes, num_codes, pseudo_count):
@@ -139,8 +141,9 @@ if __name__ == "__main__":
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
         if is_main else None
     if is_main:
-        print(f"prior {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M params, {prior.sequence_length} "
-              f"codes per slice from {model_args['num_codes']}, {len(train['z'])} training slices, device {device}")
+        print(f"prior {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M params, "
+              f"{prior.sequence_length * prior.codes_per_patch} codes per slice from {model_args['num_codes']} in "
+              f"{prior.sequence_length} positions, {len(train['z'])} training slices, device {device}")
     model = DistributedDataParallel(prior) if world_size > 1 else prior
 
     step_values = util.StepValues(log, device, last_path, "Try a lower LR.")

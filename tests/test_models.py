@@ -7,6 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import model_diffusion
+import model_prior
 import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
@@ -233,9 +235,13 @@ def test_second_stage_presets_model_their_first_stage(preset, latent_grid):
         return util.apply_overrides(namespace, [os.path.join(ROOT, "config", f"{script}_{preset}.py")])
 
     first_stage = preset_config("pre_train")
-    assert build_model(first_stage).latent_shape(first_stage["IMG_SIZE"])[1:] == (latent_grid, latent_grid)
+    latent_shape = build_model(first_stage).latent_shape(first_stage["IMG_SIZE"])
+    assert latent_shape[1:] == (latent_grid, latent_grid)
     for script in ("train_viT", "stable_diffusion", "predict"):
         assert preset_config(script)["FIRST_STAGE"] == first_stage["RUN_NAME"], script
+    # the second stage's patches and levels fit that grid (each raises a UserError where they do not)
+    model_prior.prior_args(preset_config("train_viT"), first_stage["NUM_CODES"], latent_shape[1:])
+    model_diffusion.unet_args(preset_config("stable_diffusion"), latent_shape)
 
 
 # ----------------------------------------------------------------------------- GAN losses

@@ -107,9 +107,9 @@ def test_first_stage_beats_the_per_z_average_slice(first_stage_dir, demo_dir):
 
 
 # ----------------------------------------------------------------------------- transformer prior
-def tiny_prior(**kwargs):
+def tiny_prior(grid_shape=(3, 4), **kwargs):
     torch.manual_seed(0)
-    return CodePrior(num_codes=11, grid_shape=(3, 4), num_z_positions=32, num_layers=2, num_heads=2, dim=16,
+    return CodePrior(num_codes=11, grid_shape=grid_shape, num_z_positions=32, num_layers=2, num_heads=2, dim=16,
                      dropout=0.0, **kwargs).eval()
 
 
@@ -127,14 +127,32 @@ def test_prior_logits_depend_only_on_earlier_codes_and_z():
     assert torch.allclose(prior(codes.flatten(1)[:, :5], z), logits[:, :5], atol=1e-6)   # a raster prefix
 
 
-def test_cached_sampling_follows_the_full_forward_pass():
+def test_patch_prior_reads_codes_in_patch_order():
+    """With 2x2 patches on a 4x6 grid, a code's logits must change with every code before it in
+    patch order (earlier patches, then earlier places in its own patch) and with nothing else."""
+    prior = tiny_prior(grid_shape=(4, 6), patch_size=2)
+    codes, z = torch.randint(0, 11, (2, 4, 6)), torch.tensor([3, 17])
+    logits = prior(codes, z)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(6), indexing="ij")
+    order = ((rows // 2 * 3 + cols // 2) * 4 + rows % 2 * 2 + cols % 2).flatten()     # patch order of each raster code
+    for code in range(24):
+        changed = codes.clone().flatten(1)
+        changed[:, code] = (changed[:, code] + 1) % 11
+        moved = (prior(changed.view_as(codes), z) - logits).abs().amax((0, 2)) > 1e-6
+        assert torch.equal(moved, order > order[code]), code
+    with pytest.raises(ValueError, match="patch_size 1"):
+        prior(codes.flatten(1)[:, :5], z)
+
+
+@pytest.mark.parametrize("grid_shape, patch_size", [((3, 4), 1), ((4, 6), 2)])
+def test_cached_sampling_follows_the_full_forward_pass(grid_shape, patch_size):
     """Sampling with the KV cache must draw what full forward passes over the codes drawn so
     far draw from the same random stream."""
-    prior = tiny_prior()
+    prior = tiny_prior(grid_shape, patch_size=patch_size)
     z = torch.tensor([0, 5, 31])
     torch.manual_seed(1)
     drawn = prior.sample(z, temperature=1.0)
-    assert drawn.shape == (3, 3, 4) and drawn.dtype == torch.long
+    assert drawn.shape == (3,) + grid_shape and drawn.dtype == torch.long
     torch.manual_seed(1)
     assert torch.equal(drawn, prior.sample(z, temperature=1.0, use_cache=False))
 
@@ -150,8 +168,11 @@ def test_histogram_baseline_smooths_with_the_pseudo_count_best_on_validate():
     assert pseudo_count == 1e-3 and nats == pytest.approx(-math.log((3 + 1e-3) / (4 + 3e-3)))
 
 
-def test_top_k_one_is_greedy():
-    prior = tiny_prior()
+@pytest.mark.parametrize("grid_shape, patch_size", [((3, 4), 1), ((4, 6), 2)])
+def test_top_k_one_is_greedy(grid_shape, patch_size):
+    """Greedy draws are the argmax of the forward pass's logits: the sampler fills the grid in
+    the order and layout that training reads."""
+    prior = tiny_prior(grid_shape, patch_size=patch_size)
     z = torch.tensor([2, 9])
     greedy = prior.sample(z, top_k=1)
     logits = prior(greedy, z)

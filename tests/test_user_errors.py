@@ -160,7 +160,8 @@ def test_prior_rules():
                              ({"N_HEAD": 0}, "N_HEAD must be a positive integer"),
                              ({"DROPOUT": 1.0}, r"DROPOUT must be in \[0, 1\)"),
                              ({"TEMPERATURES": (1.0, 0.0)}, "TEMPERATURES must hold temperatures above 0"),
-                             ({"TOP_KS": (0, 33)}, r"TOP_KS must hold values between 0 .* 32 codes, got \(0, 33\)")]:
+                             ({"TOP_KS": (0, 33)}, r"TOP_KS must hold values between 0 .* 32 codes, got \(0, 33\)"),
+                             ({"PATCH_SIZE": 3}, "PATCH_SIZE=3 must divide the first stage's code grid, 4x4")]:
         with pytest.raises(util.UserError, match=message):
             model_prior.prior_args(dict(PRIOR_CONFIG, **changes), 32, (4, 4))
 
@@ -170,10 +171,18 @@ def test_diffusion_rules():
     args = model_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
     unet = model_diffusion.LatentUNet(**args)
     assert unet(torch.zeros(1, 4, 12, 12), torch.tensor([5]), torch.tensor([3])).shape == (1, 4, 12, 12)
-    with pytest.raises(util.UserError, match=r"CHANNEL_MULTS has 4 levels, .* multiple of 2\^\(len\(CHANNEL_MULTS\) "
-                                             r"- 1\) = 8; the first stage's are 12x12: use at most 3 levels, "
-                                             r"e.g. \(1, 2, 2\)"):
+    with pytest.raises(util.UserError, match=r"CHANNEL_MULTS has 4 levels, .* multiple of PATCH_SIZE \* "
+                                             r"2\^\(len\(CHANNEL_MULTS\) - 1\) = 8; the first stage's are 12x12: "
+                                             r"use at most 3 levels, e.g. \(1, 2, 2\)"):
         model_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2, 2)), (4, 12, 12))
+    # patches of 2 leave 6x6: one halving fits, a second does not; patches of 5 do not tile 12x12
+    args = model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=2, CHANNEL_MULTS=(1, 2)), (4, 12, 12))
+    unet = model_diffusion.LatentUNet(**args)
+    assert unet(torch.zeros(1, 4, 12, 12), torch.tensor([5]), torch.tensor([3])).shape == (1, 4, 12, 12)
+    with pytest.raises(util.UserError, match=r"= 8; the first stage's are 12x12: use at most 2 levels, e.g. \(1, 2\)"):
+        model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=2, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
+    with pytest.raises(util.UserError, match="PATCH_SIZE=5 must divide the first stage's latent grid, 12x12"):
+        model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=5), (4, 12, 12))
     for changes, message in [({"BETA_START": 0.03}, "0 < BETA_START < BETA_END < 1"),
                              ({"PREDICTION": "x0"}, "PREDICTION must be 'v' or 'eps', got 'x0'"),
                              ({"NUM_TIMESTEPS": 0}, "NUM_TIMESTEPS must be a positive integer")]:
