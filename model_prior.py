@@ -68,6 +68,9 @@ class CodePrior(nn.Module):
         # one table per place in the patch, so the sum of a patch's embeddings keeps their order
         self.code_embedding = nn.Embedding(self.codes_per_patch * num_codes, dim)
         self.z_embedding = nn.Embedding(num_z_positions, dim)      # the start token
+        # z again at every position: read from the start token alone, the prior drew slices whose
+        # shape followed z a quarter of the time
+        self.z_condition = nn.Embedding(num_z_positions, dim)
         self.position_embedding = nn.Embedding(self.sequence_length, dim)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_layers))
@@ -91,10 +94,11 @@ class CodePrior(nn.Module):
         """Patches (B, n, codes_per_patch) as rows of the per-place embedding tables."""
         return patches + torch.arange(self.codes_per_patch, device=patches.device) * self.num_codes
 
-    def _transform(self, tokens, start, caches):
-        """The transformer's outputs (B, n, dim) after the tokens (B, n, dim) at positions start..start+n-1."""
+    def _transform(self, tokens, z, start, caches):
+        """The transformer's outputs (B, n, dim) after the tokens (B, n, dim) at positions
+        start..start+n-1 of slices z (B,)."""
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.dropout(tokens + self.position_embedding(positions))
+        x = self.dropout(tokens + self.position_embedding(positions) + self.z_condition(z)[:, None])
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache)
         return x
@@ -112,7 +116,7 @@ class CodePrior(nn.Module):
         """Patches (B, n, codes_per_patch), the first n of a grid, and z (B,) -> their codes' logits."""
         earlier = self.code_embedding(self._place_offsets(patches[:, :-1])).sum(2)
         tokens = torch.cat([self.z_embedding(z)[:, None], earlier], dim=1)
-        return self._code_logits(self._transform(tokens, 0, [None] * len(self.blocks)), patches)
+        return self._code_logits(self._transform(tokens, z, 0, [None] * len(self.blocks)), patches)
 
     def forward(self, codes, z):
         """Code grids (B, h, w), or with patch_size 1 their first n codes in raster order (B, n),
@@ -136,7 +140,7 @@ class CodePrior(nn.Module):
         patches = z.new_zeros(len(z), 0, self.codes_per_patch)
         for position in range(self.sequence_length):
             patch = z.new_zeros(len(z), 1, self.codes_per_patch)     # codes not yet drawn are not read
-            x = self._transform(token, position, caches) if use_cache else None
+            x = self._transform(token, z, position, caches) if use_cache else None
             for place in range(self.codes_per_patch):
                 if use_cache:
                     logits = self._code_logits(x, patch)[:, -1, place]

@@ -72,8 +72,9 @@ if __name__ == "__main__":
     z = torch.arange(SAMPLES) % 32
     cached = warm_then_time(lambda: prior.sample(z))
     uncached = warm_then_time(lambda: prior.sample(z, use_cache=False))
-    print(f"prior sampling, {SAMPLES} slices x {prior.sequence_length} codes: KV cache {cached:.2f} s, "
-          f"forward pass over the drawn prefix per code {uncached:.2f} s ({uncached / cached:.1f}x)")
+    print(f"prior sampling, {SAMPLES} slices x {prior.sequence_length * prior.codes_per_patch} codes: "
+          f"KV cache {cached:.2f} s, forward pass over the drawn prefix per code {uncached:.2f} s "
+          f"({uncached / cached:.1f}x)")
 
     unet, diffusion, checkpoint = load_diffusion(os.path.join(ROOT, "model_ckpt", "vqvae_diffusion_best.pt"), "cpu")
     shape = (SAMPLES,) + tuple(checkpoint["stats"]["latent_shape"])
