@@ -282,5 +282,5 @@ def load_first_stage(path, device):
                              f"or set FIRST_STAGE / CKPT_DIR")
     checkpoint = util.load_checkpoint(path)
     model = build_model(checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    util.load_weights(model, checkpoint["model"], path)
     return model.to(device).eval().requires_grad_(False), checkpoint["config"]

@@ -101,5 +101,5 @@ def load_critic(path, device, data_dir=None, img_size=None):
         raise util.UserError(f"the brain critic {path} stopped at epoch {checkpoint['epoch']} of "
                              f"{checkpoint['config']['EPOCHS']}; re-run train_critic.py (same options) to finish it")
     critic = BrainCritic(**checkpoint["model_args"])
-    critic.load_state_dict(checkpoint["model"])
+    util.load_weights(critic, checkpoint["model"], path)
     return critic.to(device).eval().requires_grad_(False), checkpoint

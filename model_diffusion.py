@@ -250,7 +250,7 @@ def load_diffusion(path, device):
     """A checkpoint of stable_diffusion.py for sampling: (EMA U-Net in eval mode, diffusion, checkpoint)."""
     checkpoint = util.load_checkpoint(path)
     unet = LatentUNet(**checkpoint["model_args"])
-    unet.load_state_dict(checkpoint["ema_model"])
+    util.load_weights(unet, checkpoint["ema_model"], path)
     return unet.to(device).eval(), build_diffusion(checkpoint["config"]).to(device), checkpoint
 
 

@@ -309,6 +309,18 @@ def load_checkpoint(path, config=None, shape_keys=(), map_location="cpu"):
     return checkpoint
 
 
+def load_weights(target, state, path):
+    """target.load_state_dict(state), where a mismatch (a checkpoint from an older version of a
+    model, whose layers have changed since) is a UserError naming the file."""
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UserError(f"checkpoint {path} does not fit this code's {type(target).__name__} ({first_line}); it was "
+                        f"made by another version of the model: train it again, or point the script elsewhere") \
+            from error
+
+
 def rng_states():
     """The random generators' states for a checkpoint (CPU, and each GPU's where there are GPUs:
     random latents, dropout and sampling on a GPU draw from its generator), restored by resume()."""
@@ -324,7 +336,7 @@ def resume(last_path, config, shape_keys, targets, verbose=True):
         return None
     checkpoint = load_checkpoint(last_path, config, shape_keys)
     for key, target in targets.items():
-        target.load_state_dict(checkpoint[key])
+        load_weights(target, checkpoint[key], last_path)
     torch.set_rng_state(checkpoint["rng_state"])
     if checkpoint.get("cuda_rng_state") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])

@@ -119,6 +119,20 @@ def test_checkpoint_from_another_config_is_refused_without_traceback(demo_dir, t
         "Use the same settings, or point the script elsewhere."]
 
 
+def test_checkpoint_from_an_older_model_version_names_the_file(tmp_path):
+    """A prior saved before z was added at every position has no z_condition weights: loading it
+    names the file and the fix instead of printing load_state_dict's traceback."""
+    args = model_prior.prior_args(dict(PRIOR_CONFIG, N_EMBD=16, N_HEAD=2, N_LAYER=1, TOP_KS=(0,)), 8, (4, 4))
+    state = model_prior.CodePrior(**args).state_dict()
+    del state["z_condition.weight"]
+    path = str(tmp_path / "vqvae_prior_best.pt")
+    util.save_checkpoint({"model_args": args, "model": state}, path)
+    with pytest.raises(util.UserError, match=rf"checkpoint {path} does not fit this code's CodePrior \(Error\(s\) in "
+                                             r"loading state_dict for CodePrior:\); it was made by another version of "
+                                             r"the model: train it again"):
+        model_prior.load_prior(path, "cpu")
+
+
 # ----------------------------------------------------------------------------- shape rules where models are built
 @pytest.mark.parametrize("changes, message", [
     ({"IMG_SIZE": 50}, r"IMG_SIZE must be a multiple of .* = 4, .* e.g. 48 or 52; got 50"),
