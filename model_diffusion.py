@@ -215,14 +215,13 @@ def unet_args(config, latent_shape):
     the rules the constants must follow: the U-Net folds PATCH_SIZE x PATCH_SIZE patches into
     channels, halves the grid at each of its len(CHANNEL_MULTS) - 1 downsamplings and must
     restore it exactly for the skips."""
-    util.check_positive_ints(config, ("BASE_CHANNELS", "PATCH_SIZE"))
+    util.check_positive_ints(config, ("BASE_CHANNELS",))
     mults = util.checked_channel_mults(config)
     if type(config["RES_BLOCKS"]) is not int or config["RES_BLOCKS"] < 0:
         raise util.UserError(f"RES_BLOCKS must be an integer >= 0, got {config['RES_BLOCKS']!r}")
-    patch, factor = config["PATCH_SIZE"], config["PATCH_SIZE"] * 2 ** (len(mults) - 1)
     channels, height, width = latent_shape
-    if height % patch or width % patch:
-        raise util.UserError(f"PATCH_SIZE={patch} must divide the first stage's latent grid, {height}x{width}")
+    patch = util.checked_patch_size(config, (height, width), "latent grid")
+    factor = patch * 2 ** (len(mults) - 1)
     if height % factor or width % factor:
         most = next(levels for levels in range(len(mults), 0, -1) if height % (patch * 2 ** (levels - 1)) == 0
                     and width % (patch * 2 ** (levels - 1)) == 0)

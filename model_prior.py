@@ -52,8 +52,9 @@ class TransformerBlock(nn.Module):
 class CodePrior(nn.Module):
     """p(codes | z) over a latent grid read in raster order of patch_size x patch_size patches.
     The transformer's position i reads z (position 0's start token, and added to every position)
-    and the patches before i, and predicts patch i's codes one after another, each from the transformer's output plus the
-    codes already drawn in its patch (a small residual MLP, like RQ-Transformer's depth step).
+    and the patches before i, and predicts patch i's codes one after another, each from the
+    transformer's output plus the codes already drawn in its patch (a small residual MLP, like
+    RQ-Transformer's depth step).
     patch_size 1 is a plain GPT over codes; 2 on a 32x32 grid runs the transformer over 256
     positions instead of 1,024: a quarter of the tokens and a sixteenth of the attention."""
 
@@ -159,10 +160,8 @@ class CodePrior(nn.Module):
 def prior_args(config, num_codes, grid_shape):
     """CodePrior's arguments for a config and the first stage's codes, after checking the rules
     the constants must follow (each head gets N_EMBD / N_HEAD channels)."""
-    util.check_positive_ints(config, ("N_LAYER", "N_HEAD", "N_EMBD", "PATCH_SIZE"))
-    if grid_shape[0] % config["PATCH_SIZE"] or grid_shape[1] % config["PATCH_SIZE"]:
-        raise util.UserError(f"PATCH_SIZE={config['PATCH_SIZE']} must divide the first stage's code grid, "
-                             f"{grid_shape[0]}x{grid_shape[1]}")
+    util.check_positive_ints(config, ("N_LAYER", "N_HEAD", "N_EMBD"))
+    patch_size = util.checked_patch_size(config, grid_shape, "code grid")
     if config["N_EMBD"] % config["N_HEAD"]:
         raise util.UserError(f"N_EMBD must be divisible by N_HEAD (each head gets N_EMBD / N_HEAD channels), "
                              f"e.g. N_EMBD={config['N_HEAD'] * max(1, round(config['N_EMBD'] / config['N_HEAD']))} "
@@ -177,7 +176,7 @@ def prior_args(config, num_codes, grid_shape):
                              f"codes, got {config['TOP_KS']}")
     return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
                 num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
-                dropout=config["DROPOUT"], patch_size=config["PATCH_SIZE"])
+                dropout=config["DROPOUT"], patch_size=patch_size)
 
 
 def load_prior(path, device):

@@ -400,6 +400,17 @@ def check_positive_ints(config, names):
             raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
+def checked_patch_size(config, grid_shape, grid_name):
+    """config["PATCH_SIZE"], after checking that it is a positive integer that tiles the first
+    stage's grid_shape (h, w), which the message calls `grid_name`."""
+    check_positive_ints(config, ("PATCH_SIZE",))
+    patch = config["PATCH_SIZE"]
+    if grid_shape[0] % patch or grid_shape[1] % patch:
+        raise UserError(f"PATCH_SIZE={patch} must divide the first stage's {grid_name}, "
+                        f"{grid_shape[0]}x{grid_shape[1]}")
+    return patch
+
+
 def checked_channel_mults(config):
     """config["CHANNEL_MULTS"], or a UserError unless it is a non-empty tuple of positive integers."""
     mults = config["CHANNEL_MULTS"]
