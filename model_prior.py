@@ -120,13 +120,8 @@ class CodePrior(nn.Module):
         return self._code_logits(self._transform(tokens, z, 0, [None] * len(self.blocks)), patches)
 
     def forward(self, codes, z):
-        """Code grids (B, h, w), or with patch_size 1 their first n codes in raster order (B, n),
-        and z (B,) -> logits (B, h*w or n, num_codes) in raster order; the logits of a code
-        predict it from z, the patches before its patch and the codes before it in its patch."""
-        if codes.dim() == 2:
-            if self.patch_size != 1:
-                raise ValueError("a raster prefix of codes only makes patches with patch_size 1")
-            return self._patch_logits(codes[:, :, None], z)[:, :, 0]
+        """Code grids (B, h, w) and z (B,) -> logits (B, h*w, num_codes) in raster order; the logits
+        of a code predict it from z, the patches before its patch and the codes before it in its patch."""
         patches = rearrange(codes, "b (h p) (w q) -> b (h w) (p q)", p=self.patch_size, q=self.patch_size)
         return rearrange(self._patch_logits(patches, z), "b (h w) (p q) k -> b (h p w q) k",
                          h=self.patches_shape[0], p=self.patch_size)
