@@ -52,6 +52,8 @@ WARMUP_STEPS = 5             # untimed steps of a throwaway copy before every ti
 BATCH_SIZE = 16
 GAN_WEIGHT = 0.01            # fixed generator weight (MONAI's tutorials use 0.01)
 THREADS = 2
+LOADER_WORKERS = 0           # DataLoader worker processes for the training batches (0: the main process
+                             # builds them, between kernel launches)
 SEED = 0
 
 
@@ -91,9 +93,16 @@ class OurPair:
     GroupNorm, SiLU and z-scaling passes over 128x128 activations, and cuDNN's NCHW <-> NHWC
     conversions): `fp32_norms` makes the norms plain nn.GroupNorm, which CUDA autocast runs in fp32
     (ours stay bf16); `channels_last` stores weights and activations NHWC; `compiled` runs both
-    networks through torch.compile (kernel fusion; its compile time is in the warm-up)."""
+    networks' training steps through torch.compile with static shapes (kernel fusion, and
+    inductor's own norms, which read NHWC without converting; its compile time is in the warm-up),
+    `cuda_graphs` also replays each compiled graph as a CUDA graph (one launch instead of
+    thousands): through inductor's CUDA graph trees (mode "reduce-overhead", one memory pool, each
+    training phase a generation) or, with `graph_trees=False`, one private pool per graph, whose
+    outputs live until that graph runs again. Evaluation runs eagerly: compiling eval mode too
+    would double the compile time for a few batches."""
 
-    def __init__(self, z_conditioning, fp32_norms=False, channels_last=False, compiled=False):
+    def __init__(self, z_conditioning, fp32_norms=False, channels_last=False, compiled=False, cuda_graphs=False,
+                 graph_trees=True):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
         config.update(NUM_CODES=256, Z_CONDITIONING=z_conditioning)     # MONAI's codebook size
         self.model = model_VAE.build_model(config)
@@ -106,15 +115,20 @@ class OurPair:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.discriminator.to(memory_format=torch.channels_last)
-        self.run_model, self.run_discriminator = (torch.compile(module) if compiled else module
-                                                  for module in (self.model, self.discriminator))
+        self.cuda_graphs = cuda_graphs
+        self.graph_trees = cuda_graphs and graph_trees
+        options = {"triton.cudagraphs": cuda_graphs, "triton.cudagraph_trees": graph_trees}
+        self.train_model, self.train_discriminator = (
+            torch.compile(module, dynamic=False, options=options) if compiled or cuda_graphs else module
+            for module in (self.model, self.discriminator))
 
     def reconstruct(self, images, zs):
-        reconstruction, vq_loss, _ = self.run_model(images.contiguous(memory_format=self.memory_format), zs)
+        run_model = self.train_model if self.model.training else self.model
+        reconstruction, vq_loss, _ = run_model(images.contiguous(memory_format=self.memory_format), zs)
         return reconstruction, vq_loss
 
     def judge(self, images, zs):
-        return self.run_discriminator(images.contiguous(memory_format=self.memory_format), zs)
+        return self.train_discriminator(images.contiguous(memory_format=self.memory_format), zs)
 
 
 CONTESTANTS = {
@@ -123,6 +137,10 @@ CONTESTANTS = {
     "ours, z, fp32 norms": lambda: OurPair(True, fp32_norms=True),
     "ours, z, channels-last": lambda: OurPair(True, channels_last=True),
     "ours, z, compiled": lambda: OurPair(True, compiled=True),
+    "ours, z, compiled, channels-last": lambda: OurPair(True, channels_last=True, compiled=True),
+    "ours, z, CUDA graphs, channels-last": lambda: OurPair(True, channels_last=True, cuda_graphs=True),
+    "ours, z, CUDA graphs without trees, channels-last": lambda: OurPair(True, channels_last=True, cuda_graphs=True,
+                                                                         graph_trees=False),
     "MONAI, z channel": lambda: MonaiPair(MONAI_CHANNELS, True),
     "MONAI, no z": lambda: MonaiPair(MONAI_CHANNELS, False),
     "MONAI lean, z channel": lambda: MonaiPair((32, 64), True),
@@ -136,6 +154,9 @@ def autocast(device):
 
 
 def training_step(pair, optimizers, images, zs):
+    graph_trees = getattr(pair, "graph_trees", False)
+    if graph_trees:
+        torch.compiler.cudagraph_mark_step_begin()    # last step's graph outputs may be overwritten now
     with autocast(images.device):
         reconstruction, vq_loss = pair.reconstruct(images, zs)
         loss = (F.l1_loss(reconstruction.float(), images) + vq_loss
@@ -143,6 +164,9 @@ def training_step(pair, optimizers, images, zs):
     optimizers[0].zero_grad(set_to_none=True)
     loss.backward()
     optimizers[0].step()
+    if graph_trees:   # the discriminator's step is the next generation: keep what it reads out of the pool
+        reconstruction = reconstruction.detach().clone()
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast(images.device):
         logits = pair.judge(torch.cat([images, reconstruction.detach()]), torch.cat([zs, zs]))
         d_loss = hinge_discriminator_loss(*logits.float().chunk(2))
@@ -249,7 +273,7 @@ if __name__ == "__main__":
     device = util.get_device()
     torch.set_num_threads(THREADS)
     img_size = pre_train.IMG_SIZE
-    train_loader = dataset.get_dataloader("train", BATCH_SIZE, None, img_size, seed=SEED)
+    train_loader = dataset.get_dataloader("train", BATCH_SIZE, None, img_size, seed=SEED, num_workers=LOADER_WORKERS)
     validate_loader = dataset.get_dataloader("validate", 64, None, img_size)
     test_loader = dataset.get_dataloader("test", 64, None, img_size)
     results = {}
@@ -262,13 +286,18 @@ if __name__ == "__main__":
             print(f"{name}: validation SSIM after {TUNE_SECONDS:.0f} s at each learning rate: "
                   + ", ".join(f"{lr:g} {ssim:.4f}" for lr, ssim in tuning.items()), flush=True)
         lr = max(tuning, key=tuning.get) if tuning else LEARNING_RATES[0]
-        pair, optimizers, images_per_second, utilisation = timed_training(name, lr, train_loader, BUDGET_SECONDS,
-                                                                          device)
+        try:
+            pair, optimizers, images_per_second, utilisation = timed_training(name, lr, train_loader, BUDGET_SECONDS,
+                                                                              device)
+        except RuntimeError as error:     # a probe that fails says why, and the others still run
+            print(f"{name}: failed: {error}", flush=True)
+            continue
         params = [sum(p.numel() for p in module.parameters()) for module in (pair.model, pair.discriminator)]
         results[name] = (params, lr, images_per_second, utilisation, mean_ssim(pair, test_loader, device), pair,
                          optimizers)
-        print(f"{name}: learning rate {lr:g}, {images_per_second:.1f} img/s, test SSIM {results[name][4]:.4f}",
-              flush=True)
+        print(f"{name}: learning rate {lr:g}, {images_per_second:.1f} img/s"
+              + (f", GPU busy {utilisation:.0f}%" if utilisation is not None else "")
+              + f", test SSIM {results[name][4]:.4f}", flush=True)
         if PROFILE_STEPS:
             print_profile(name, pair, optimizers, train_loader, device)
 
@@ -278,10 +307,10 @@ if __name__ == "__main__":
           f"256 x 8 codebook, {BUDGET_SECONDS:.0f} s of training each after {WARMUP_STEPS} warm-up steps, "
           + (f"learning rate picked on validate from {LEARNING_RATES} after {TUNE_SECONDS:.0f} s each, "
              if len(LEARNING_RATES) > 1 else f"learning rate {LEARNING_RATES[0]:g}, ") + where)
-    print(f"{'model':24s} {'params (AE + D)':>16s} {'lr':>7s} {'train img/s':>12s} {'GPU busy':>9s} {'test SSIM':>10s}")
+    print(f"{'model':36s} {'params (AE + D)':>16s} {'lr':>7s} {'train img/s':>12s} {'GPU busy':>9s} {'test SSIM':>10s}")
     for name, ((model_params, disc_params), lr, images_per_second, utilisation, ssim, _, _) in results.items():
         busy = f"{utilisation:.0f}%" if utilisation is not None else "-"
-        print(f"{name:24s} {model_params / 1e6:6.2f}M + {disc_params / 1e6:.2f}M {lr:7g} {images_per_second:12.1f} "
+        print(f"{name:36s} {model_params / 1e6:6.2f}M + {disc_params / 1e6:.2f}M {lr:7g} {images_per_second:12.1f} "
               f"{busy:>9s} {ssim:10.4f}")
 
     if "ours, z" in results:
