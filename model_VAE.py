@@ -190,6 +190,15 @@ class VQVAE(Autoencoder):
         """(quantised latents, code indices (B, h, w), commitment loss)."""
         return self.quantizer(latents)
 
+    def snap(self, latents, temperature=0.0):
+        """Continuous latents (B, code_dim, h, w), e.g. a diffusion's samples, to codebook vectors:
+        each to its nearest code (temperature 0) or to one drawn by proximity
+        (VectorQuantizer.draw_code). Sampled latents land between codes, and their nearest codes
+        alone decode to smoother images than the codes of real slices."""
+        batch, _, height, width = latents.shape
+        indices = self.quantizer.draw_code(rearrange(latents, "b d h w -> (b h w) d"), temperature)
+        return self.quantizer.embed_indices(indices.view(batch, height, width))
+
     def decode_indices(self, indices, z):
         return self.decode(self.quantizer.embed_indices(indices), z)
 

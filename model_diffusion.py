@@ -253,22 +253,31 @@ def load_diffusion(path, device):
     return unet.to(device).eval(), build_diffusion(checkpoint["config"]).to(device), checkpoint
 
 
-def decode_latents(first_stage, latents, stats, z):
+def decode_latents(first_stage, latents, stats, z, snap_temperature=0.0):
     """Images from sampled (normalised) latents: un-normalise, then decode; a VQVAE first snaps
-    each vector to its nearest code."""
+    each vector to a code, the nearest or, with snap_temperature > 0, one drawn by proximity
+    (VQVAE.snap)."""
     latents = latents * stats["latent_std"].to(latents.device) + stats["latent_mean"].to(latents.device)
     if isinstance(first_stage, VQVAE):
-        latents = first_stage.quantize(latents)[0]
+        latents = first_stage.snap(latents, snap_temperature)
     return first_stage.decode(latents, z)
 
 
 @torch.no_grad()
-def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, steps=50, guidance=1.0):
-    """`volumes` volumes of 32 slices (z = 0..31) by DDIM with classifier-free guidance scale
-    `guidance`, each volume's slices sharing one noise trajectory, decoded to images
-    (volumes * 32, 1, H, W). `model`: an EMA U-Net in eval mode; `stats`: the latent
-    normalisation ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
+def sample_latents(model, diffusion, stats, device, volumes=1, steps=50, guidance=1.0):
+    """`volumes` volumes of 32 slices (z = 0..31) of normalised latents by DDIM with
+    classifier-free guidance scale `guidance`, each volume's slices sharing one noise trajectory:
+    (latents, z). `model`: an EMA U-Net in eval mode; `stats`: the latent normalisation
+    ({"latent_shape", "latent_mean", "latent_std", "x0_bound"})."""
     z = torch.arange(NUM_Z, device=device).repeat(volumes)
     latents = diffusion.sample_ddim(model, (len(z),) + tuple(stats["latent_shape"]), z, steps,
                                     x0_bound=stats["x0_bound"], noise_groups=volumes, guidance=guidance)
-    return decode_latents(first_stage, latents, stats, z)
+    return latents, z
+
+
+@torch.no_grad()
+def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, steps=50, guidance=1.0,
+                   snap_temperature=0.0):
+    """sample_latents decoded to images (volumes * 32, 1, H, W) (decode_latents)."""
+    latents, z = sample_latents(model, diffusion, stats, device, volumes, steps, guidance)
+    return decode_latents(first_stage, latents, stats, z, snap_temperature)

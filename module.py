@@ -148,13 +148,30 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         self._seen_initialised = False     # reading the buffer on a GPU waits for it: once is enough
 
-    def nearest_code(self, vectors):
-        """Index of the nearest code (Euclidean) for each row of vectors (N, code_dim), in fp32.
-        |v - e|^2 = |v|^2 - 2 v.e + |e|^2, and |v|^2 is the same for every code: one fused
-        |e|^2 - 2 v.e (addmm) is all the argmin needs, which saves two passes over the N x codes
-        matrix (on a 32x32 latent grid a fifth of a CPU training step went to them)."""
+    def _code_scores(self, vectors):
+        """|v - e|^2 - |v|^2 = |e|^2 - 2 v.e for each row v of vectors (N, code_dim) and code e, in
+        fp32: |v|^2 is the same for every code of a row, so one fused addmm is all an argmin or a
+        softmax over codes needs (on a 32x32 latent grid the two passes over the N x codes matrix
+        it saves had cost a fifth of a CPU training step)."""
         codebook = self.codebook.float()
-        return torch.addmm(codebook.pow(2).sum(1)[None], vectors.float(), codebook.T, alpha=-2).argmin(1)
+        return torch.addmm(codebook.pow(2).sum(1)[None], vectors.float(), codebook.T, alpha=-2)
+
+    def nearest_code(self, vectors):
+        """Index of the nearest code (Euclidean) for each row of vectors (N, code_dim)."""
+        return self._code_scores(vectors).argmin(1)
+
+    def draw_code(self, vectors, temperature):
+        """A code index per row of vectors (N, code_dim), drawn by proximity: with d the squared
+        distances of a row to the codes, p(code) is proportional to
+        exp(-(d_code - d_nearest) / (temperature * d_nearest)), so a code whose squared distance
+        exceeds the nearest's by `temperature` times the nearest's is e^-1 as likely; a row that
+        sits on a code keeps it. Temperature 0 is nearest_code."""
+        scores = self._code_scores(vectors)
+        if temperature == 0:
+            return scores.argmin(1)
+        nearest = scores.min(1, keepdim=True).values
+        nearest_distance = (nearest + vectors.float().pow(2).sum(1, keepdim=True)).clamp(min=1e-12)
+        return torch.multinomial(torch.softmax((nearest - scores) / (temperature * nearest_distance), 1), 1)[:, 0]
 
     def embed_indices(self, indices):
         """Code indices (B, H, W) -> quantised latents (B, code_dim, H, W)."""

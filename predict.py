@@ -202,12 +202,13 @@ if __name__ == "__main__":
         if os.path.isfile(diffusion_path):
             unet, diffusion, checkpoint = load_diffusion(diffusion_path, device)
             stats = checkpoint["stats"]
-            if "guidance" not in checkpoint:
-                raise util.UserError(f"{diffusion_path} has no guidance scale (stable_diffusion.py chooses it when it "
-                                     f"finishes); re-run stable_diffusion.py to finish it")
-            guidance = checkpoint["guidance"]
+            if "sampling" not in checkpoint:
+                raise util.UserError(f"{diffusion_path} has no sampling settings (stable_diffusion.py chooses its "
+                                     f"guidance scale and snap temperature when it finishes); re-run "
+                                     f"stable_diffusion.py to finish it")
+            guidance, snap_temperature = checkpoint["sampling"]["guidance"], checkpoint["sampling"]["snap_temperature"]
             timed("diffusion_ddim50", lambda: diffusion_volumes(unet, diffusion, first_stage, stats, device,
-                                                                VOLUMES, steps=50, guidance=guidance))
+                                                                VOLUMES, steps=50, **checkpoint["sampling"]))
             gif_states = []
 
             def ddpm_volumes():
@@ -218,10 +219,11 @@ if __name__ == "__main__":
                                                         keep_every=GIF_EVERY, progress=True, steps=DDPM_STEPS,
                                                         guidance=guidance)
                 gif_states.extend(state[:NUM_Z] for state in states)
-                return decode_latents(first_stage, latents, stats, z)
+                return decode_latents(first_stage, latents, stats, z, snap_temperature)
 
             timed(f"diffusion_ddpm{DDPM_STEPS}", ddpm_volumes)
-            save_denoising_gif(gif_states, lambda state: decode_latents(first_stage, state, stats, z[:NUM_Z]),
+            save_denoising_gif(gif_states, lambda state: decode_latents(first_stage, state, stats, z[:NUM_Z],
+                                                                        snap_temperature),
                                f"{picture}_denoising.gif")
     for name, volumes in sources.items():
         util.save_image_grid(volumes[0], f"{picture}_generated_{name}.png" if name in seconds

@@ -13,9 +13,11 @@ is what gets evaluated and sampled. Every EVAL_EVERY epochs: log, validate-split
 timesteps and noise, model_ckpt/<run>_{last,best}.pt; every GRID_EVERY epochs a grid of one
 sampled volume (z = 0..31 sharing one noise trajectory, DDIM) decoded by the first stage (VQVAE:
 each vector snapped to its nearest code first). Re-running resumes. At the end: the guidance
-scale is chosen on validate, test loss once, log/<run>_summary.json.
+scale and (VQVAE) the snap temperature are chosen on validate, test loss once,
+log/<run>_summary.json.
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -29,8 +31,9 @@ import realism
 import util
 from latent_dataset import load_latents
 from logger import TrainingLog
-from model_diffusion import LatentUNet, build_diffusion, diffusion_latents, sample_volumes, unet_args
-from model_VAE import load_first_stage
+from model_diffusion import (LatentUNet, build_diffusion, decode_latents, diffusion_latents, sample_latents,
+                             sample_volumes, unet_args)
+from model_VAE import VQVAE, load_first_stage
 
 # ----------------------------------------------------------------------------- config (CPU preset)
 FIRST_STAGE = "vqvae"        # run name of the first stage whose latents are modelled
@@ -44,10 +47,13 @@ ATTENTION = True             # self-attention at the lowest level and in the mid
 Z_CONDITIONING = True        # embed the slice index z into every res block
 Z_DROP = 0.1                 # share of training latents told no z (model_diffusion.NULL_Z): the unconditional
                              # branch that classifier-free guidance needs
-GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # guidance scales tried after training (1 = plain conditional);
-                             # the one whose DDIM samples score best on validate (realism.choose_setting, brain
-                             # critic needed) goes into the best checkpoint for predict.py; one scale: no search
-SWEEP_VOLUMES = 4            # volumes sampled per scale for that choice
+GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # guidance scales tried after training (1 = plain conditional) ...
+SNAP_TEMPERATURES = (0.0, 1.0, 2.0, 3.0)   # ... each with these snap temperatures (VQVAE: each sampled vector
+                             # to its nearest code, 0, or to one drawn by proximity, VQVAE.snap; on the 32x32 grid
+                             # 3 made DDPM volumes as sharp as real, from 0.66); the pair whose DDIM samples score
+                             # best on validate (realism.choose_setting, brain critic needed) goes into the best
+                             # checkpoint for predict.py; one pair: no search
+SWEEP_VOLUMES = 4            # volumes sampled per scale for that choice (decoded once per temperature)
 NUM_TIMESTEPS = 1000
 BETA_START = 1e-4            # linear beta schedule, as the original
 BETA_END = 0.02
@@ -88,12 +94,22 @@ def evaluate(model, diffusion, latents, z, device, seed):
     return total / len(latents)
 
 
-def choose_guidance(model, diffusion, first_stage, first_stage_config, stats, device):
-    """The scale of GUIDANCE_SCALES whose DDIM samples score best on the validate brains
-    (realism.choose_on_validate): (scale, the scored rows)."""
-    return realism.choose_on_validate(
-        lambda scale: sample_volumes(model, diffusion, first_stage, stats, device, SWEEP_VOLUMES, SAMPLE_STEPS, scale),
-        GUIDANCE_SCALES, first_stage_config, CKPT_DIR, device)
+def choose_sampling(model, diffusion, first_stage, first_stage_config, stats, device):
+    """The guidance scale of GUIDANCE_SCALES and (VQVAE) snap temperature of SNAP_TEMPERATURES
+    whose DDIM samples score best on the validate brains (realism.choose_on_validate):
+    ({"guidance", "snap_temperature"}, the scored rows). Each scale's latents are sampled once and
+    decoded at every temperature."""
+    temperatures = SNAP_TEMPERATURES if isinstance(first_stage, VQVAE) else (0.0,)
+    latents_at = functools.lru_cache(maxsize=1)(
+        lambda scale: sample_latents(model, diffusion, stats, device, SWEEP_VOLUMES, SAMPLE_STEPS, scale))
+
+    def sample(setting):
+        latents, z = latents_at(setting["guidance"])
+        return decode_latents(first_stage, latents, stats, z, setting["snap_temperature"])
+
+    settings = [{"guidance": scale, "snap_temperature": temperature}
+                for scale in GUIDANCE_SCALES for temperature in temperatures]
+    return realism.choose_on_validate(sample, settings, first_stage_config, CKPT_DIR, device)
 
 
 if __name__ == "__main__":
@@ -110,6 +126,9 @@ if __name__ == "__main__":
     if set(GUIDANCE_SCALES) != {1.0} and not (Z_CONDITIONING and Z_DROP > 0):
         raise util.UserError(f"GUIDANCE_SCALES {GUIDANCE_SCALES} need an unconditional branch: Z_CONDITIONING=True "
                              f"and Z_DROP > 0 (e.g. 0.1), or GUIDANCE_SCALES=(1.0,)")
+    if not SNAP_TEMPERATURES or min(SNAP_TEMPERATURES) < 0:
+        raise util.UserError(f"SNAP_TEMPERATURES must hold temperatures >= 0 (0 = nearest code), got "
+                             f"{SNAP_TEMPERATURES}")
     run_name = RUN_NAME or f"{FIRST_STAGE}_diffusion"
     device = util.setup_distributed()
     amp_dtype = util.cpu_autocast_dtype(USE_BF16)       # (checks USE_BF16 on every device)
@@ -206,14 +225,14 @@ if __name__ == "__main__":
         best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
         ema_unet.load_state_dict(best["ema_model"])
         search_start = time.time()
-        guidance, search = choose_guidance(ema_unet, diffusion, first_stage, train["config"], stats, device)
-        best["guidance"] = guidance        # what predict.py samples with
+        sampling, search = choose_sampling(ema_unet, diffusion, first_stage, train["config"], stats, device)
+        best["sampling"] = sampling        # what predict.py samples with
         util.save_checkpoint(best, best_path)
-        print(f"guidance scale chosen on validate: {guidance} ({len(search)} scales scored in "
-              f"{time.time() - search_start:.0f} s)")
+        print(f"chosen on validate: guidance scale {sampling['guidance']}, snap temperature "
+              f"{sampling['snap_temperature']} ({len(search)} settings scored in {time.time() - search_start:.0f} s)")
         test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
         sample_start = time.time()
-        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS, guidance=guidance)
+        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS, **sampling)
         sample_seconds = time.time() - sample_start
         util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
         summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
@@ -221,7 +240,7 @@ if __name__ == "__main__":
                    "test_loss": evaluate(ema_unet, diffusion, normalise(diffusion_latents(test)), test["z"], device,
                                          SEED),
                    f"sample_seconds_32_slices_ddim{SAMPLE_STEPS}": sample_seconds,
-                   "guidance": guidance, "guidance_search": search,
+                   "sampling": sampling, "sampling_search": search,
                    "train_seconds": train_seconds, "parameters": sum(p.numel() for p in unet.parameters()),
                    "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
                    "config": config}

@@ -78,7 +78,7 @@ if __name__ == "__main__":
 
     unet, diffusion, checkpoint = load_diffusion(os.path.join(ROOT, "model_ckpt", "vqvae_diffusion_best.pt"), "cpu")
     shape = (SAMPLES,) + tuple(checkpoint["stats"]["latent_shape"])
-    guidance = checkpoint["guidance"]      # chosen on validate; any scale but 1 doubles the batch
+    guidance = checkpoint["sampling"]["guidance"]      # chosen on validate; any scale but 1 doubles the batch
     ddim = warm_then_time(lambda: diffusion.sample_ddim(unet, shape, z, 50, guidance=guidance))
     respaced = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, steps=150, guidance=guidance))
     ddpm = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, guidance=guidance))

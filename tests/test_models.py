@@ -77,6 +77,22 @@ def test_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through(
     assert torch.allclose(latents.grad, torch.arange(5.0).expand_as(latents))   # identity gradient
 
 
+def test_snapped_codes_are_drawn_by_proximity():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(6, 2).eval()
+    vectors = torch.randn(3, 2)
+    assert torch.equal(quantizer.draw_code(vectors, 0.0), torch.cdist(vectors, quantizer.codebook).argmin(1))
+    on_codes = quantizer.codebook[[4, 1]]
+    assert torch.equal(quantizer.draw_code(on_codes, 3.0), torch.tensor([4, 1]))      # a code's own vector keeps it
+    # frequencies of 20,000 draws of one vector against the law written out from exact distances
+    distances = torch.cdist(vectors[:1].double(), quantizer.codebook.double())[0] ** 2
+    nearest = distances.min()
+    law = torch.softmax(-(distances - nearest) / (2.0 * nearest), 0)
+    drawn = quantizer.draw_code(vectors[:1].expand(20000, 2), 2.0)
+    assert torch.allclose(torch.bincount(drawn, minlength=6).double() / 20000, law, atol=0.01)
+    assert law.max() < 0.9        # the law is spread: the check above could fail
+
+
 def test_commitment_loss_pulls_the_encoder_output_toward_its_code():
     """beta x mean squared distance to the nearest code, with its gradient on the latents
     (the codebook follows EMAs and gets none)."""

@@ -51,7 +51,8 @@ def assert_bf16_by_default(summary_path):
 
 
 # runs whose CKPT_DIR holds no brain critic sample with one setting, which needs no search on validate
-NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_KS=(0,)"], "stable_diffusion.py": ["--GUIDANCE_SCALES=(1.0,)"]}
+NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_KS=(0,)"],
+             "stable_diffusion.py": ["--GUIDANCE_SCALES=(1.0,)", "--SNAP_TEMPERATURES=(0.0,)"]}
 
 
 def run_script(name, argv):
@@ -364,7 +365,7 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=1", *default_precision(TINY_PRIOR)))
     assert_bf16_by_default(first_stage_dir / "log" / "vqvae_prior_summary.json")
     # each sampler's setting was chosen on validate: the best mean rank over the searched ones
-    for run, setting, options in (("prior", "sampling", 4), ("diffusion", "guidance", 3)):
+    for run, setting, options in (("prior", "sampling", 4), ("diffusion", "sampling", 3 * 4)):
         summary = json.loads((first_stage_dir / "log" / f"vqvae_{run}_summary.json").read_text())
         search = summary[f"{setting}_search"]
         assert len(search) == options and min(search, key=lambda row: row["mean_rank"])["setting"] == summary[setting]

@@ -73,6 +73,8 @@ def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
     ("stable_diffusion.py", ["--LOSS=MSE"], "LOSS must be 'mse' or 'l1', got 'MSE'"),   # once silently L1
     ("stable_diffusion.py", ["--Z_DROP=0.0"], "GUIDANCE_SCALES (1.0, 2.0, 3.0) need an unconditional branch: "
      "Z_CONDITIONING=True and Z_DROP > 0"),
+    ("stable_diffusion.py", ["--SNAP_TEMPERATURES=(1.0, -1.0)"],
+     "SNAP_TEMPERATURES must hold temperatures >= 0 (0 = nearest code), got (1.0, -1.0)"),
 ])
 def test_training_constants_are_checked_before_anything_is_read(tmp_path, script, argv, message):
     # run in an empty folder: no data, checkpoint or latents to read before the check
