@@ -35,9 +35,6 @@ PRIOR_LEARNING = [SECOND_STAGE + "test_prior_logits_depend_only_on_earlier_codes
                   SECOND_STAGE + "test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises"]
 
 MUTATIONS = [
-    # a snap temperature in absolute units instead of the nearest code's distance
-    ("snap_scale_absolute", "module.py", "(temperature * nearest_distance)", "temperature",
-     ["tests/test_models.py::test_snapped_codes_are_drawn_by_proximity"]),
     # the issue's list (issue 8)
     ("ddpm_posterior_mean_coefficient", "model_diffusion.py",
      "(1 - abar_previous) * (1 - beta).sqrt() * x", "(1 - abar_previous) * (1 - beta) * x", GAUSSIAN_SAMPLERS),
@@ -103,6 +100,9 @@ MUTATIONS = [
     ("diffusion_validates_every_epoch", "stable_diffusion.py",
      "(epoch + 1) % EVAL_EVERY == 0 or epoch + 1 == EPOCHS", "True",
      [SECOND_STAGE + "test_diffusion_learns_to_use_its_timestep_and_z"]),
+    # a snap temperature in absolute units instead of the nearest code's distance
+    ("snap_scale_absolute", "module.py", "(temperature * nearest_distance)", "temperature",
+     ["tests/test_models.py::test_snapped_codes_are_drawn_by_proximity"]),
 ]
 
 
