@@ -190,13 +190,20 @@ class VQVAE(Autoencoder):
         """(quantised latents, code indices (B, h, w), commitment loss)."""
         return self.quantizer(latents)
 
-    def snap(self, latents, temperature=0.0):
+    def snap(self, latents, temperature=0.0, noise_groups=0):
         """Continuous latents (B, code_dim, h, w), e.g. a diffusion's samples, to codebook vectors:
         each to its nearest code (temperature 0) or to one drawn by proximity
         (VectorQuantizer.draw_code). Sampled latents land between codes, and their nearest codes
-        alone decode to smoother images than the codes of real slices."""
+        alone decode to smoother images than the codes of real slices. `noise_groups` = G: the
+        batch is G volumes one after another, whose slices share one uniform per position, so
+        that alike slices of a volume draw alike codes (a volume stays one brain); 0: independent
+        draws."""
         batch, _, height, width = latents.shape
-        indices = self.quantizer.draw_code(rearrange(latents, "b d h w -> (b h w) d"), temperature)
+        uniforms = None
+        if noise_groups:
+            uniforms = torch.rand(noise_groups, 1, height * width, device=latents.device).expand(
+                noise_groups, batch // noise_groups, height * width).flatten()
+        indices = self.quantizer.draw_code(rearrange(latents, "b d h w -> (b h w) d"), temperature, uniforms)
         return self.quantizer.embed_indices(indices.view(batch, height, width))
 
     def decode_indices(self, indices, z):

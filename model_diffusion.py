@@ -253,13 +253,13 @@ def load_diffusion(path, device):
     return unet.to(device).eval(), build_diffusion(checkpoint["config"]).to(device), checkpoint
 
 
-def decode_latents(first_stage, latents, stats, z, snap_temperature=0.0):
+def decode_latents(first_stage, latents, stats, z, snap_temperature=0.0, noise_groups=0):
     """Images from sampled (normalised) latents: un-normalise, then decode; a VQVAE first snaps
-    each vector to a code, the nearest or, with snap_temperature > 0, one drawn by proximity
-    (VQVAE.snap)."""
+    each vector to a code, the nearest or, with snap_temperature > 0, one drawn by proximity,
+    the slices of each of `noise_groups` volumes alike (VQVAE.snap)."""
     latents = latents * stats["latent_std"].to(latents.device) + stats["latent_mean"].to(latents.device)
     if isinstance(first_stage, VQVAE):
-        latents = first_stage.snap(latents, snap_temperature)
+        latents = first_stage.snap(latents, snap_temperature, noise_groups)
     return first_stage.decode(latents, z)
 
 
@@ -280,4 +280,4 @@ def sample_volumes(model, diffusion, first_stage, stats, device, volumes=1, step
                    snap_temperature=0.0):
     """sample_latents decoded to images (volumes * 32, 1, H, W) (decode_latents)."""
     latents, z = sample_latents(model, diffusion, stats, device, volumes, steps, guidance)
-    return decode_latents(first_stage, latents, stats, z, snap_temperature)
+    return decode_latents(first_stage, latents, stats, z, snap_temperature, noise_groups=volumes)

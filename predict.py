@@ -219,11 +219,11 @@ if __name__ == "__main__":
                                                         keep_every=GIF_EVERY, progress=True, steps=DDPM_STEPS,
                                                         guidance=guidance)
                 gif_states.extend(state[:NUM_Z] for state in states)
-                return decode_latents(first_stage, latents, stats, z, snap_temperature)
+                return decode_latents(first_stage, latents, stats, z, snap_temperature, noise_groups=VOLUMES)
 
             timed(f"diffusion_ddpm{DDPM_STEPS}", ddpm_volumes)
             save_denoising_gif(gif_states, lambda state: decode_latents(first_stage, state, stats, z[:NUM_Z],
-                                                                        snap_temperature),
+                                                                        snap_temperature, noise_groups=1),
                                f"{picture}_denoising.gif")
     for name, volumes in sources.items():
         util.save_image_grid(volumes[0], f"{picture}_generated_{name}.png" if name in seconds

@@ -105,7 +105,8 @@ def choose_sampling(model, diffusion, first_stage, first_stage_config, stats, de
 
     def sample(setting):
         latents, z = latents_at(setting["guidance"])
-        return decode_latents(first_stage, latents, stats, z, setting["snap_temperature"])
+        return decode_latents(first_stage, latents, stats, z, setting["snap_temperature"],
+                              noise_groups=SWEEP_VOLUMES)
 
     settings = [{"guidance": scale, "snap_temperature": temperature}
                 for scale in GUIDANCE_SCALES for temperature in temperatures]

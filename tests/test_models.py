@@ -91,6 +91,21 @@ def test_snapped_codes_are_drawn_by_proximity():
     drawn = quantizer.draw_code(vectors[:1].expand(20000, 2), 2.0)
     assert torch.allclose(torch.bincount(drawn, minlength=6).double() / 20000, law, atol=0.01)
     assert law.max() < 0.9        # the law is spread: the check above could fail
+    # a uniform in the middle of code k's share of the cumulative law draws code k (inverse CDF)
+    uniforms = (law.cumsum(0) - law / 2).float()
+    assert torch.equal(quantizer.draw_code(vectors[:1].expand(6, 2), 2.0, uniforms), torch.arange(6))
+
+
+def test_snap_draws_alike_within_a_volume_and_apart_across_volumes():
+    torch.manual_seed(0)
+    model = VQVAE(num_codes=32, code_dim=4, **SMALL).eval()
+    latents = torch.randn(1, 4, 3, 3).expand(6, 4, 3, 3)      # 2 volumes of 3 slices, every slice alike
+    snapped = model.snap(latents, 5.0, noise_groups=2)
+    first, second = snapped[:3], snapped[3:]
+    assert torch.equal(first, first[:1].expand_as(first)) and torch.equal(second, second[:1].expand_as(second))
+    assert not torch.equal(first[0], second[0])
+    independent = model.snap(latents, 5.0)
+    assert not torch.equal(independent[0], independent[1])
 
 
 def test_commitment_loss_pulls_the_encoder_output_toward_its_code():
