@@ -200,7 +200,7 @@ class VQVAE(Autoencoder):
         draws."""
         batch, _, height, width = latents.shape
         uniforms = None
-        if noise_groups:
+        if noise_groups and temperature > 0:  # the nearest code needs no draw (and takes no RNG)
             uniforms = torch.rand(noise_groups, 1, height * width, device=latents.device).expand(
                 noise_groups, batch // noise_groups, height * width).flatten()
         indices = self.quantizer.draw_code(rearrange(latents, "b d h w -> (b h w) d"), temperature, uniforms)
