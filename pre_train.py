@@ -148,9 +148,7 @@ if __name__ == "__main__":
     util.seed_everything(SEED)
     model = build_model(config).to(device)        # checks the shape constants before the data loads
     discriminator = build_discriminator(config).to(device)
-    amp_dtype = util.cpu_autocast_dtype(USE_BF16)       # (checks USE_BF16 on every device)
-    if device.type == "cuda":   # bf16 mixed precision where the GPU has it (no loss scaling needed)
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    amp_dtype = util.autocast_dtype(device, USE_BF16)     # bf16 needs no loss scaling
 
     def autocast():
         return util.autocast(device, amp_dtype)

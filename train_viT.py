@@ -109,9 +109,7 @@ if __name__ == "__main__":
     util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "GRID_EVERY"))
     run_name = RUN_NAME or f"{FIRST_STAGE}_prior"
     device = util.setup_distributed()
-    amp_dtype = util.cpu_autocast_dtype(USE_BF16)       # (checks USE_BF16 on every device)
-    if device.type == "cuda":   # fp32: see USE_BF16
-        amp_dtype = None
+    amp_dtype = util.autocast_dtype(device, USE_BF16, bf16_on_cuda=False)      # fp32 on CUDA: see USE_BF16
     world_size, rank = util.world_size_and_rank()
     is_main = rank == 0
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))

@@ -130,11 +130,15 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
-def cpu_autocast_dtype(use_bf16):
-    """torch.bfloat16 where a CPU run should train under autocast, else None. use_bf16 (a
-    script's USE_BF16): None = where the CPU has bf16 instructions, True / False to force."""
+def autocast_dtype(device, use_bf16, bf16_on_cuda=True):
+    """The dtype a script's training steps autocast to on `device` (None: full precision).
+    use_bf16 (a script's USE_BF16, checked on every device): on the CPU, None = bf16 where the CPU
+    has bf16 instructions, True / False to force. On CUDA: bf16 where the GPU has it, or fp32
+    where `bf16_on_cuda` is False (a script whose measured steps were no faster in bf16)."""
     if use_bf16 not in (None, True, False):
         raise UserError(f"USE_BF16 must be None (where the CPU has bf16 instructions), True or False, got {use_bf16!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if bf16_on_cuda and torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if (cpu_has_bf16() if use_bf16 is None else use_bf16) else None
 
 
