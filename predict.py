@@ -10,9 +10,9 @@ Samplers: the first stage's own (VAE: N(0, I); VQVAE: per-position code histogra
 transformer prior (model_ckpt/<FIRST_STAGE>_prior_best.pt) and the latent diffusion
 (model_ckpt/<FIRST_STAGE>_diffusion_best.pt, DDIM-50 and DDPM), each when its checkpoint exists;
 each draws VOLUMES volumes (z = 0..31). They are scored by realism.py against the real test
-brains, next to real validate brains (the reference: what a perfect generator would score), two
-known-bad controls (validate blurred, validate plus noise) and the first stage's reconstructions
-of validate. The controls and the reconstructions are made from validate, not test, so that they
+brains, next to real validate brains (the reference: what a perfect generator would score), three
+known-bad controls (validate blurred, validate plus noise, validate blurred plus noise) and the
+first stage's reconstructions of validate. The controls and the reconstructions are made from validate, not test, so that they
 share no anatomy with the brains they are scored against, exactly as the real validate brains.
 Everything goes to visualize/<FIRST_STAGE>_*.png / .gif, log/<FIRST_STAGE>_predict.json and
 log/<FIRST_STAGE>_realism.json.
@@ -47,6 +47,8 @@ DDPM_STEPS = 150             # ancestral DDPM steps, respaced from the 1000 trai
                              # all 1000, as the original); 4 volumes x 1000 steps take ~4 min on 2 cores
 BLUR_SIGMA = 1.0             # control: validate blurred by a Gaussian of 1 px at 64x64 (scaled with the size)
 NOISE_STD = 0.1              # control: validate plus Gaussian noise of this std (images span [-1, 1])
+SPECKLE_STD = 0.075          # control: validate blurred (BLUR_SIGMA) plus noise of this std: about real's sharpness
+                             # at 64x64, but as Gaussian speckle, which only the detail kurtosis tells from real
 GIF_EVERY = 3                # keep every 3rd DDPM state: 50 frames, as the original's every 20th of 1000
 GIF_FPS = 30
 GIF_HOLD_SECONDS = 1.0       # the last frame stays this long
@@ -170,10 +172,10 @@ if __name__ == "__main__":
     train, validate, test = (dataset.OasisSlices(split, data_dir, img_size).volumes()
                              for split in ("train", "validate", "test"))
     noise = torch.randn(validate.shape, generator=torch.Generator().manual_seed(SEED))
-    sources = {"real_validate": validate,
-               "validate_blurred": realism.gaussian_blur(validate.flatten(0, 1), BLUR_SIGMA * img_size / 64)
-               .view_as(validate),
+    validate_blurred = realism.gaussian_blur(validate.flatten(0, 1), BLUR_SIGMA * img_size / 64).view_as(validate)
+    sources = {"real_validate": validate, "validate_blurred": validate_blurred,
                "validate_noisy": (validate + NOISE_STD * noise).clamp(-1, 1),
+               "validate_speckled": (validate_blurred + SPECKLE_STD * noise).clamp(-1, 1),
                "reconstruction": in_batches(lambda images, z: first_stage.reconstruct(images, z)[0], validate, device)}
     seconds = {}
     z = torch.arange(NUM_Z, device=device).repeat(VOLUMES)
@@ -233,8 +235,8 @@ if __name__ == "__main__":
     start = time.time()
     realism_results = realism.evaluate_sources(sources, critic, train, test)
     realism_results.update(first_stage=FIRST_STAGE, sample_seconds=seconds, metric_seconds=time.time() - start,
-                           blur_sigma_px=BLUR_SIGMA * img_size / 64, noise_std=NOISE_STD, volumes_per_sampler=VOLUMES,
-                           seed=SEED)
+                           blur_sigma_px=BLUR_SIGMA * img_size / 64, noise_std=NOISE_STD, speckle_std=SPECKLE_STD,
+                           volumes_per_sampler=VOLUMES, seed=SEED)
     print(realism.format_table(realism_results))
     with open(os.path.join(LOG_DIR, f"{FIRST_STAGE}_realism.json"), "w") as f:
         json.dump(realism_results, f, indent=2)

@@ -18,6 +18,10 @@ the volumes (so leaving one volume out at a time gives each figure a spread):
   the slice), within bands of 8 slices, averaged (after WASABI, Jafrasteh et al. 2025).
 - sharpness: mean squared Laplacian inside the (eroded) brain, relative to the test slices'
   (after RealDeal, Zhu et al. 2025): 1 = real, blur < 1, noise > 1.
+- detail_kurtosis: how that fine detail is spread, whatever its amount: the kurtosis of the
+  Laplacian inside the brain, per slice, averaged. Real detail is sparse, strong at edges and
+  sulci and faint elsewhere (about 4.6 on the demo brains); speckle is Gaussian (3). Noise over
+  a blurred brain can match real's sharpness; it cannot match this.
 - diversity_ssim: mean SSIM between different volumes at the same z (mode collapse: higher).
 - z_faithfulness: share of slices whose critic-predicted z is within +-2 of the z asked for.
 - memorisation: share of slices closer (SSIM) to their nearest training slice than any real test
@@ -45,11 +49,11 @@ from model_critic import TISSUE_NAMES, load_first_stage_critic
 
 Z_TOLERANCE = 2              # z-faithfulness: predicted z within +-2 counts as right
 Z_BAND = 8                   # tissue fractions are compared within bands of 8 slices
-BRAIN_THRESHOLD = 0.1        # sharpness: the brain is where intensity (in [0, 1]) exceeds this ...
+BRAIN_THRESHOLD = 0.1        # sharpness, detail kurtosis: the brain is where intensity (in [0, 1]) exceeds this ...
 MASK_EROSION = 2             # ... eroded by 2 px, so the brain's outline does not count as texture
 BATCH = 256
-METRICS = ("frechet_distance", "tissue_wasserstein", "sharpness", "diversity_ssim", "z_faithfulness",
-           "memorisation", "adjacent_ssim", "identity_correlation", "nearest_test_ssim")
+METRICS = ("frechet_distance", "tissue_wasserstein", "sharpness", "detail_kurtosis", "diversity_ssim",
+           "z_faithfulness", "memorisation", "adjacent_ssim", "identity_correlation", "nearest_test_ssim")
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
@@ -63,13 +67,22 @@ def gaussian_blur(images, sigma):
     return F.conv2d(F.conv2d(padded, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
 
 
-def high_frequency_energy(images):
-    """Per image (B,): mean squared Laplacian inside the eroded brain mask, intensity in [0, 1]."""
+def laplacian_moments(images):
+    """Per image (B,), of the Laplacian L inside the eroded brain mask, intensity in [0, 1]: (the
+    high-frequency energy, the mean of L^2; the kurtosis of L, E[(L - mean)^4] / var^2 as
+    scipy.stats.kurtosis(fisher=False), 0 where the brain is flat or missing)."""
     images = (images.float().clamp(-1, 1) + 1) / 2
     laplacian = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), LAPLACIAN.to(images).view(1, 1, 3, 3))
     brain = (images > BRAIN_THRESHOLD).float()
     brain = -F.max_pool2d(-brain, 2 * MASK_EROSION + 1, stride=1, padding=MASK_EROSION)
-    return (laplacian ** 2 * brain).flatten(1).sum(1) / brain.flatten(1).sum(1).clamp(min=1)
+    pixels = brain.flatten(1).sum(1).clamp(min=1)
+
+    def brain_mean(values):
+        return (values * brain).flatten(1).sum(1) / pixels
+
+    centred = laplacian - brain_mean(laplacian)[:, None, None, None]
+    variance = brain_mean(centred ** 2)
+    return brain_mean(laplacian ** 2), brain_mean(centred ** 4) / (variance ** 2).clamp(min=1e-20)
 
 
 # ----------------------------------------------------------------------------- per-slice description
@@ -78,12 +91,12 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
     """Measure every slice of volumes (V, Z, 1, H, W) once. train_volumes / test_volumes give the
     nearest-slice SSIMs (memorisation and the secondary score); a source that is the test set
     itself passes neither. Returns numpy arrays: features (V, Z, F), predicted_z (V, Z),
-    tissue_area (V, Z, 3) or None, energy (V, Z), same_z_ssim (Z, V, V), adjacent_ssim (V, Z-1),
-    and nearest_train_ssim / nearest_test_ssim (V, Z) when asked."""
+    tissue_area (V, Z, 3) or None, energy and kurtosis (V, Z) (laplacian_moments), same_z_ssim
+    (Z, V, V), adjacent_ssim (V, Z-1), and nearest_train_ssim / nearest_test_ssim (V, Z) when asked."""
     num_volumes, num_z = volumes.shape[:2]
     device = next(critic.parameters()).device
     slices = volumes.reshape(num_volumes * num_z, *volumes.shape[2:])
-    features, predicted_z, tissue_area, energy = [], [], [], []
+    features, predicted_z, tissue_area, energy, kurtosis = [], [], [], [], []
     for start in range(0, len(slices), BATCH):
         batch = slices[start:start + BATCH].to(device).float().clamp(-1, 1)
         out = critic(batch)
@@ -92,7 +105,9 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
         if out["seg_logits"] is not None:
             labels = out["seg_logits"].argmax(1)
             tissue_area.append(torch.stack([(labels == k).float().mean((1, 2)) for k in (1, 2, 3)], 1).cpu())
-        energy.append(high_frequency_energy(batch).cpu())
+        moments = laplacian_moments(batch)
+        energy.append(moments[0].cpu())
+        kurtosis.append(moments[1].cpu())
 
     def per_slice(parts):
         joined = torch.cat(parts)
@@ -100,6 +115,7 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
 
     description = {"features": per_slice(features), "predicted_z": per_slice(predicted_z),
                    "tissue_area": per_slice(tissue_area) if tissue_area else None, "energy": per_slice(energy),
+                   "kurtosis": per_slice(kurtosis),
                    "same_z_ssim": np.stack([util.pairwise_ssim(volumes[:, z], volumes[:, z]).numpy()
                                             for z in range(num_z)]),
                    "adjacent_ssim": np.stack([util.reconstruction_ssim(volume[:-1].clamp(-1, 1), volume[1:]).numpy()
@@ -140,6 +156,7 @@ def score(description, reference, volumes=None):
     flat_features = d["features"].reshape(-1, d["features"].shape[-1])
     reference_features = reference["features"].reshape(-1, flat_features.shape[1])
     figures = {"sharpness": float(d["energy"].mean() / reference["energy"].mean()),
+               "detail_kurtosis": float(d["kurtosis"].mean()),
                "z_faithfulness": float((np.abs(d["predicted_z"] - np.arange(num_z)) <= Z_TOLERANCE).mean()),
                "adjacent_ssim": float(d["adjacent_ssim"].mean())}
     # the covariances must be full rank: more slices than feature dimensions on both sides
@@ -176,10 +193,11 @@ def reference_description(real_volumes, critic, train_volumes):
 
 def distance_to_real(figures, real):
     """Each figure as a distance from the real test brains' own figure `real` (0 = real, higher =
-    further): the Frechet and Wasserstein distances as they are, |log| of the sharpness and
-    diversity ratios, the share of slices off their z, the share memorised beyond what real
-    brains reach by chance, and the coherence gaps."""
+    further): the Frechet and Wasserstein distances as they are, |log| of the sharpness, detail
+    kurtosis and diversity ratios, the share of slices off their z, the share memorised beyond
+    what real brains reach by chance, and the coherence gaps."""
     distances = {"sharpness": abs(math.log(max(figures["sharpness"], 1e-12))),
+                 "detail_kurtosis": abs(math.log(max(figures["detail_kurtosis"], 1e-12) / real["detail_kurtosis"])),
                  "z_faithfulness": 1 - figures["z_faithfulness"],
                  "adjacent_ssim": abs(figures["adjacent_ssim"] - real["adjacent_ssim"])}
     if "identity_correlation" in figures and "identity_correlation" in real:
@@ -196,7 +214,8 @@ def distance_to_real(figures, real):
 
 # ----------------------------------------------------------------------------- a whole comparison
 SHOWN = (("frechet_distance", "Frechet dist.", "{:.3f}"), ("tissue_wasserstein", "tissue W1 (pp)", "{:.2f}"),
-         ("sharpness", "sharpness", "{:.2f}"), ("diversity_ssim", "diversity SSIM", "{:.3f}"),
+         ("sharpness", "sharpness", "{:.2f}"), ("detail_kurtosis", "detail kurtosis", "{:.2f}"),
+         ("diversity_ssim", "diversity SSIM", "{:.3f}"),
          ("z_faithfulness", "z within +-2", "{:.0%}"), ("memorisation", "memorised", "{:.0%}"),
          ("adjacent_ssim", "adjacent SSIM", "{:.3f}"), ("identity_correlation", "identity corr.", "{:.2f}"),
          ("nearest_test_ssim", "nearest-test SSIM*", "{:.3f}"))
@@ -225,15 +244,17 @@ def evaluate_sources(sources, critic, train_volumes, test_volumes):
     return results
 
 
-SELECTION_METRICS = ("frechet_distance", "tissue_wasserstein", "sharpness", "diversity_ssim", "z_faithfulness")
+SELECTION_METRICS = ("frechet_distance", "tissue_wasserstein", "sharpness", "detail_kurtosis", "diversity_ssim",
+                     "z_faithfulness")
 
 
 def choose_setting(sample, settings, critic, validate_volumes, train_volumes):
     """Pick a sampler's setting (temperature, guidance scale, ...) on the validate split, never on
     test: sample(setting) -> volumes (V, Z, 1, H, W); each setting's volumes are scored against
     the real validate brains, and the setting with the best mean rank over SELECTION_METRICS
-    (distances to real: Frechet, tissue, |log sharpness|, |log diversity|, share off z; diversity
-    keeps a strong guidance from trading variety for fidelity) wins. Returns (the best
+    (distances to real: Frechet, tissue, |log sharpness|, |log detail kurtosis|, |log diversity|,
+    share off z; diversity keeps a strong guidance from trading variety for fidelity, detail
+    kurtosis keeps sharpness from being bought with speckle) wins. Returns (the best
     setting, [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
     reference, real = reference_description(validate_volumes, critic, train_volumes)
     rows = []
@@ -285,7 +306,7 @@ def format_table(results, reference="real test"):
             cells.append((text + ("" if spread is None else " +-" + style.format(spread))).rjust(width))
         lines.append(name.ljust(name_width) + "  " + "  ".join(cells))
     lines.append("Frechet distance on the brain critic's features, over their total variance; tissue W1 in percentage points of slice area; "
-                 "sharpness 1 = real; memorised: real held-out brains reach "
+                 "sharpness 1 = real; detail kurtosis 3 = Gaussian speckle; memorised: real held-out brains reach "
                  f"{results['real_test']['memorisation_by_chance']:.0%} by chance; +- jackknife standard error over "
                  "volumes; * favours blur, kept as a secondary figure")
     return "\n".join(lines)

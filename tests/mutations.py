@@ -100,6 +100,11 @@ MUTATIONS = [
     ("diffusion_validates_every_epoch", "stable_diffusion.py",
      "(epoch + 1) % EVAL_EVERY == 0 or epoch + 1 == EPOCHS", "True",
      [SECOND_STAGE + "test_diffusion_learns_to_use_its_timestep_and_z"]),
+    # the detail kurtosis as the fourth moment over the variance, not over its square
+    ("kurtosis_unnormalised", "realism.py", "brain_mean(centred ** 4) / (variance ** 2).clamp(min=1e-20)",
+     "brain_mean(centred ** 4) / variance.clamp(min=1e-20)",
+     ["tests/test_realism.py::test_laplacian_moments_match_scipy_on_real_slices",
+      "tests/test_realism.py::test_detail_kurtosis_tells_real_detail_from_gaussian_speckle"]),
     # a snap temperature in absolute units instead of the nearest code's distance
     ("snap_scale_absolute", "module.py", "(temperature * nearest_distance)", "temperature",
      ["tests/test_models.py::test_snapped_codes_are_drawn_by_proximity"]),

@@ -375,8 +375,8 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     assert 0 < results["ssim"] <= 1 and 0 < results["codebook_usage"] <= 1
     realism = json.loads((first_stage_dir / "log" / "vqvae_realism.json").read_text())
     samplers = ("histogram", "prior", "diffusion_ddim50", "diffusion_ddpm100")
-    assert list(realism["sources"]) == ["real_validate", "validate_blurred", "validate_noisy", "reconstruction",
-                                        *samplers]
+    assert list(realism["sources"]) == ["real_validate", "validate_blurred", "validate_noisy", "validate_speckled",
+                                        "reconstruction", *samplers]
     for name in samplers:                        # 2 volumes each: every metric, diversity included
         assert set(realism["sources"][name]["figures"]) == set(METRICS), name
         assert realism["sources"][name]["volumes"] == 2
@@ -462,8 +462,8 @@ def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
     results = json.loads((first_stage_dir / "log" / "vae_predict.json").read_text())
     assert "codebook_usage" not in results and 0 < results["ssim"] <= 1
     realism = json.loads((first_stage_dir / "log" / "vae_realism.json").read_text())
-    assert list(realism["sources"]) == ["real_validate", "validate_blurred", "validate_noisy", "reconstruction",
-                                        "gaussian", "diffusion_ddim50", "diffusion_ddpm100"]
+    assert list(realism["sources"]) == ["real_validate", "validate_blurred", "validate_noisy", "validate_speckled",
+                                        "reconstruction", "gaussian", "diffusion_ddim50", "diffusion_ddpm100"]
 
 
 def test_score_scans_on_a_converted_nifti_volume(first_stage_dir, tmp_path, capsys):
