@@ -248,17 +248,20 @@ SELECTION_METRICS = ("frechet_distance", "tissue_wasserstein", "sharpness", "det
                      "z_faithfulness")
 
 
-def choose_setting(sample, settings, critic, validate_volumes, train_volumes):
+def choose_setting(sample, settings, critic, validate_volumes, train_volumes, seed=0):
     """Pick a sampler's setting (temperature, guidance scale, ...) on the validate split, never on
     test: sample(setting) -> volumes (V, Z, 1, H, W); each setting's volumes are scored against
     the real validate brains, and the setting with the best mean rank over SELECTION_METRICS
     (distances to real: Frechet, tissue, |log sharpness|, |log detail kurtosis|, |log diversity|,
     share off z; diversity keeps a strong guidance from trading variety for fidelity, detail
-    kurtosis keeps sharpness from being bought with speckle) wins. Returns (the best
-    setting, [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
+    kurtosis keeps sharpness from being bought with speckle) wins. Every setting samples from
+    torch's generator seeded with `seed` (common random numbers): a few volumes per setting then
+    compare the settings, not the luck of their draws. Returns (the best setting,
+    [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
     reference, real = reference_description(validate_volumes, critic, train_volumes)
     rows = []
     for setting in settings:
+        torch.manual_seed(seed)
         figures = score(describe(sample(setting), critic, train_volumes), reference)
         rows.append({"setting": setting, "figures": figures, "distance_to_real": distance_to_real(figures, real)})
     metrics = [m for m in SELECTION_METRICS if all(m in row["distance_to_real"] for row in rows)]
@@ -269,9 +272,9 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes):
     return best["setting"], rows
 
 
-def choose_on_validate(sample_images, settings, first_stage_config, ckpt_dir, device):
-    """choose_setting with the brain critic and the real train / validate brains of the data a
-    first stage was trained on; sample_images(setting) -> images (V * Z, 1, H, W), whole volumes
+def choose_on_validate(sample_images, settings, first_stage_config, ckpt_dir, device, seed=0):
+    """choose_setting (settings sampled from `seed`) with the brain critic and the real train /
+    validate brains of the data a first stage was trained on; sample_images(setting) -> images (V * Z, 1, H, W), whole volumes
     in z order. One setting needs no search (and no critic): (it, [])."""
     if len(settings) == 1:
         return settings[0], []
@@ -282,7 +285,7 @@ def choose_on_validate(sample_images, settings, first_stage_config, ckpt_dir, de
     def sample(setting):
         return sample_images(setting).float().cpu().unflatten(0, (-1, dataset.SLICES_PER_BRAIN))
 
-    return choose_setting(sample, settings, critic, validate_volumes, train_volumes)
+    return choose_setting(sample, settings, critic, validate_volumes, train_volumes, seed)
 
 
 def format_table(results, reference="real test"):

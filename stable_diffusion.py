@@ -98,7 +98,7 @@ def choose_sampling(model, diffusion, first_stage, first_stage_config, stats, de
     """The guidance scale of GUIDANCE_SCALES and (VQVAE) snap temperature of SNAP_TEMPERATURES
     whose DDIM samples score best on the validate brains (realism.choose_on_validate):
     ({"guidance", "snap_temperature"}, the scored rows). Each scale's latents are sampled once and
-    decoded at every temperature."""
+    decoded at every temperature; every scale starts from the same noise (common random numbers)."""
     temperatures = SNAP_TEMPERATURES if isinstance(first_stage, VQVAE) else (0.0,)
     latents_at = functools.lru_cache(maxsize=1)(
         lambda scale: sample_latents(model, diffusion, stats, device, SWEEP_VOLUMES, SAMPLE_STEPS, scale))
@@ -110,7 +110,7 @@ def choose_sampling(model, diffusion, first_stage, first_stage_config, stats, de
 
     settings = [{"guidance": scale, "snap_temperature": temperature}
                 for scale in GUIDANCE_SCALES for temperature in temperatures]
-    return realism.choose_on_validate(sample, settings, first_stage_config, CKPT_DIR, device)
+    return realism.choose_on_validate(sample, settings, first_stage_config, CKPT_DIR, device, SEED)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def choose_sampling(prior, first_stage, first_stage_config, device):
     validate brains (realism.choose_on_validate), and the scored rows."""
     settings = [{"temperature": t, "top_k": k} for t in TEMPERATURES for k in TOP_KS]
     return realism.choose_on_validate(lambda setting: sample_volumes(prior, first_stage, device, SWEEP_VOLUMES, **setting),
-                                      settings, first_stage_config, CKPT_DIR, device)
+                                      settings, first_stage_config, CKPT_DIR, device, SEED)
 
 
 if __name__ == "__main__":

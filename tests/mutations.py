@@ -105,6 +105,9 @@ MUTATIONS = [
      "brain_mean(centred ** 4) / variance.clamp(min=1e-20)",
      ["tests/test_realism.py::test_laplacian_moments_match_scipy_on_real_slices",
       "tests/test_realism.py::test_detail_kurtosis_tells_real_detail_from_gaussian_speckle"]),
+    # each setting of a search drawn from wherever the generator stands, not from the same seed
+    ("settings_drawn_from_different_numbers", "realism.py", "        torch.manual_seed(seed)\n", "",
+     ["tests/test_realism.py::test_every_setting_samples_from_the_same_random_numbers"]),
     # a snap temperature in absolute units instead of the nearest code's distance
     ("snap_scale_absolute", "module.py", "(temperature * nearest_distance)", "temperature",
      ["tests/test_models.py::test_snapped_codes_are_drawn_by_proximity"]),
