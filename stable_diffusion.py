@@ -50,8 +50,8 @@ Z_DROP = 0.1                 # share of training latents told no z (model_diffus
 GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # guidance scales tried after training (1 = plain conditional) ...
 SNAP_TEMPERATURES = (0.0, 1.0, 2.0, 3.0)   # ... each with these snap temperatures (VQVAE: each sampled vector
                              # to its nearest code, 0, or to one drawn by proximity, VQVAE.snap; on the 32x32 grid
-                             # 3 raised DDPM's sharpness from 0.66 to real's, with detail as Gaussian as before, a
-                             # kurtosis of ~3.8 against real's 4.6); the pair whose DDIM samples score
+                             # 3 raised DDPM's sharpness from 0.66 to real's, its detail still near Gaussian: detail
+                             # kurtosis ~3.9 against real's 4.6); the pair whose DDIM samples score
                              # best on validate (realism.choose_setting, brain critic needed) goes into the best
                              # checkpoint for predict.py; one pair: no search
 SWEEP_VOLUMES = 4            # volumes sampled per scale for that choice (decoded once per temperature)
