@@ -387,6 +387,8 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
             value >= 0 for value in entry["distance_to_real"].values()), name
     blurred = realism["sources"]["validate_blurred"]["figures"]
     assert blurred["sharpness"] < 1 < realism["sources"]["validate_noisy"]["figures"]["sharpness"]
+    speckled, real = (realism["sources"][name]["figures"] for name in ("validate_speckled", "real_validate"))
+    assert speckled["detail_kurtosis"] < real["detail_kurtosis"] - 0.5     # Gaussian speckle, sparse real detail
     gif_path = first_stage_dir / "visualize" / "vqvae_denoising.gif"
     frames = iio.imread(str(gif_path), index=None)
     assert frames.shape[:3] == (11, 4 * 34 + 2, 8 * 34 + 2)    # noise + every 10th of 100 states; 4 x 8 grid
