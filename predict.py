@@ -12,8 +12,9 @@ transformer prior (model_ckpt/<FIRST_STAGE>_prior_best.pt) and the latent diffus
 each draws VOLUMES volumes (z = 0..31). They are scored by realism.py against the real test
 brains, next to real validate brains (the reference: what a perfect generator would score), three
 known-bad controls (validate blurred, validate plus noise, validate blurred plus noise) and the
-first stage's reconstructions of validate. The controls and the reconstructions are made from validate, not test, so that they
-share no anatomy with the brains they are scored against, exactly as the real validate brains.
+first stage's reconstructions of validate. The controls and the reconstructions are made from
+validate, not test, so that they share no anatomy with the brains they are scored against,
+exactly as the real validate brains.
 Everything goes to visualize/<FIRST_STAGE>_*.png / .gif, log/<FIRST_STAGE>_predict.json and
 log/<FIRST_STAGE>_realism.json.
 """

@@ -274,8 +274,8 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes, se
 
 def choose_on_validate(sample_images, settings, first_stage_config, ckpt_dir, device, seed=0):
     """choose_setting (settings sampled from `seed`) with the brain critic and the real train /
-    validate brains of the data a first stage was trained on; sample_images(setting) -> images (V * Z, 1, H, W), whole volumes
-    in z order. One setting needs no search (and no critic): (it, [])."""
+    validate brains of the data a first stage was trained on; sample_images(setting) -> images
+    (V * Z, 1, H, W), whole volumes in z order. One setting needs no search (and no critic): (it, [])."""
     if len(settings) == 1:
         return settings[0], []
     critic, data_dir, img_size = load_first_stage_critic(first_stage_config, ckpt_dir, device)
