@@ -128,8 +128,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_di
 
 def test_torchrun_two_processes(demo_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")   # two CPU processes (gloo), GPU or not
+    # --standalone: rendezvous on a free port (a fixed one can be taken on a shared machine)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29517", os.path.join(ROOT, "pre_train.py"),
+                             "--standalone", os.path.join(ROOT, "pre_train.py"),
                              *arguments(demo_dir, tmp_path, "--EPOCHS=1")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -438,9 +438,9 @@ def test_diffusion_learns_to_use_its_timestep_and_z(first_stage_dir, tmp_path):
 @pytest.mark.parametrize("script, extra", [("train_viT.py", TINY_PRIOR), ("stable_diffusion.py", TINY_DIFFUSION)])
 def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")   # two CPU processes (gloo), GPU or not
-    port = 29531 if script == "train_viT.py" else 29532
+    # --standalone: rendezvous on a free port (a fixed one can be taken on a shared machine)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={port}", os.path.join(ROOT, script),
+                             "--standalone", os.path.join(ROOT, script),
                              *second_stage_args(first_stage_dir, "--EPOCHS=1", *extra, *NO_SEARCH[script],
                                                 f"--CKPT_DIR={tmp_path}",
                                                 f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")],
