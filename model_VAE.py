@@ -206,6 +206,15 @@ class VQVAE(Autoencoder):
         indices = self.quantizer.draw_code(rearrange(latents, "b d h w -> (b h w) d"), temperature, uniforms)
         return self.quantizer.embed_indices(indices.view(batch, height, width))
 
+    def off_codebook_share(self, latents):
+        """How far latents (B, code_dim, h, w) lie from the codebook: the squared distance of each
+        vector to its nearest code, summed, over the vectors' summed squared deviation from their
+        mean. Encoder outputs sit near their codes (a few per cent); a diffusion's samples that
+        stray between codes score higher, and snap() then has to pick codes for them."""
+        vectors = rearrange(latents, "b d h w -> (b h w) d").float()
+        nearest = self.quantizer.codebook[self.quantizer.nearest_code(vectors)].float()
+        return ((vectors - nearest).pow(2).sum() / (vectors - vectors.mean(0)).pow(2).sum()).item()
+
     def decode_indices(self, indices, z):
         return self.decode(self.quantizer.embed_indices(indices), z)
 

@@ -15,6 +15,28 @@ NULL_Z = -1                  # the slice index that means "no z": the U-Net's un
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
+class FullResolutionHead(nn.Module):
+    """A folded U-Net's correction at the latents' own resolution: one conditioned res block of
+    `channels` over the noisy latents and the U-Net's last features unfolded, added to its
+    prediction (zero at the start). Folded, the p x p vectors of a patch are read off one feature
+    map each, their errors independent: on a 32x32 grid the samples strayed off the codebook
+    (16% of their variance, against 2% for encoded slices) and their snapped codes decoded to
+    speckle. This lets neighbouring vectors agree, for a few per cent of the U-Net's work."""
+
+    def __init__(self, latent_channels, unfolded_channels, channels, cond_dim):
+        super().__init__()
+        self.conv_in = nn.Conv2d(latent_channels + unfolded_channels, channels, 3, padding=1)
+        self.block = ResBlock(channels, channels, cond_dim)
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, latent_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, unfolded_features, cond):
+        h = self.block(self.conv_in(torch.cat([x, unfolded_features], dim=1)), cond)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
 class LatentUNet(nn.Module):
     """U-Net on first-stage latents. The timestep and the slice index z are embedded (sinusoid +
     MLP) and summed into one condition vector that every res block receives; z = NULL_Z adds
@@ -22,10 +44,11 @@ class LatentUNet(nn.Module):
     prediction). Per level: res blocks (+ attention at the lowest level); skip connections are
     concatenated on the way up. `patch_size` p > 1 folds each p x p patch of latents into channels
     before the first level and unfolds the output (space-to-depth, as DiT's patches): a 32x32
-    latent grid then costs what a 16x16 one does."""
+    latent grid then costs what a 16x16 one does; `head_channels` > 0 adds a FullResolutionHead
+    of that width (p > 1 only)."""
 
     def __init__(self, in_channels, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention=True,
-                 num_timesteps=1000, num_z_positions=32, patch_size=1):
+                 num_timesteps=1000, num_z_positions=32, patch_size=1, head_channels=0):
         super().__init__()
         self.patch_size = patch_size
         cond_dim = 4 * base_channels
@@ -61,6 +84,8 @@ class LatentUNet(nn.Module):
         self.conv_out = nn.Conv2d(channels, in_channels * patch_size ** 2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)   # starts by predicting zero noise
         nn.init.zeros_(self.conv_out.bias)
+        self.head = FullResolutionHead(in_channels, channels // patch_size ** 2, head_channels, cond_dim) \
+            if head_channels else None
 
     def forward(self, x, t, z):
         """Noisy latents (B, C, h, w), timesteps (B,), slice indices (B,) or NULL_Z -> the
@@ -82,7 +107,11 @@ class LatentUNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), cond)
             else:
                 h = layer(h)
-        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
+        h = F.silu(self.norm_out(h))
+        out = F.pixel_shuffle(self.conv_out(h), self.patch_size)
+        if self.head is not None:
+            out = out + self.head(x, F.pixel_shuffle(h, self.patch_size), cond)
+        return out
 
 
 class GaussianDiffusion(nn.Module):
@@ -214,7 +243,7 @@ def unet_args(config, latent_shape):
     """LatentUNet's arguments for a config and the first stage's latents (C, h, w), after checking
     the rules the constants must follow: the U-Net folds PATCH_SIZE x PATCH_SIZE patches into
     channels, halves the grid at each of its len(CHANNEL_MULTS) - 1 downsamplings and must
-    restore it exactly for the skips."""
+    restore it exactly for the skips; HEAD_CHANNELS acts only on folded latents."""
     util.check_positive_ints(config, ("BASE_CHANNELS",))
     mults = util.checked_channel_mults(config)
     if type(config["RES_BLOCKS"]) is not int or config["RES_BLOCKS"] < 0:
@@ -228,10 +257,18 @@ def unet_args(config, latent_shape):
         raise util.UserError(f"CHANNEL_MULTS has {len(mults)} levels, so the U-Net needs latents whose sides are a "
                              f"multiple of PATCH_SIZE * 2^(len(CHANNEL_MULTS) - 1) = {factor}; the first stage's are "
                              f"{height}x{width}: use at most {most} levels, e.g. {tuple(mults[:most])}")
+    head = config["HEAD_CHANNELS"] if patch > 1 else 0
+    if type(head) is not int or head < 0:
+        raise util.UserError(f"HEAD_CHANNELS must be an integer >= 0 (0: no full-resolution head), got {head!r}")
+    if head and config["BASE_CHANNELS"] * mults[0] % patch ** 2:
+        raise util.UserError(f"the full-resolution head (HEAD_CHANNELS={head}) unfolds the U-Net's first level, "
+                             f"BASE_CHANNELS * CHANNEL_MULTS[0] = {config['BASE_CHANNELS'] * mults[0]} channels, "
+                             f"into PATCH_SIZE^2 = {patch ** 2} places: make it a multiple of {patch ** 2}, "
+                             f"or HEAD_CHANNELS=0")
     return dict(in_channels=channels, base_channels=config["BASE_CHANNELS"], channel_mults=tuple(mults),
                 num_res_blocks=config["RES_BLOCKS"], attention=config["ATTENTION"],
                 num_timesteps=config["NUM_TIMESTEPS"], num_z_positions=NUM_Z if config["Z_CONDITIONING"] else None,
-                patch_size=patch)
+                patch_size=patch, head_channels=head)
 
 
 def build_diffusion(config):

@@ -42,6 +42,9 @@ BASE_CHANNELS = 32           # the original: 32 / 64 channels, attention, ~0.7M 
 CHANNEL_MULTS = (1, 2)
 PATCH_SIZE = 1               # latents folded p x p into channels before the first level (2: a 32x32 grid
                              # at a 16x16 grid's cost)
+HEAD_CHANNELS = 16           # PATCH_SIZE > 1: a res block of this width at the latents' own resolution
+                             # (model_diffusion.FullResolutionHead; 0 = none): on the 32x32 grid test loss
+                             # 0.364 against 0.449 in 176 s of training against 162 s, samples back on the codebook
 RES_BLOCKS = 1               # res blocks per level (the up path has one more, for the skips)
 ATTENTION = True             # self-attention at the lowest level and in the middle
 Z_CONDITIONING = True        # embed the slice index z into every res block
@@ -79,8 +82,8 @@ LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
 
 # constants that fix tensor shapes or what the output means: a checkpoint made with others is refused
-SHAPE_KEYS = ("FIRST_STAGE", "BASE_CHANNELS", "CHANNEL_MULTS", "PATCH_SIZE", "RES_BLOCKS", "ATTENTION",
-              "Z_CONDITIONING", "NUM_TIMESTEPS", "BETA_START", "BETA_END", "PREDICTION")
+SHAPE_KEYS = ("FIRST_STAGE", "BASE_CHANNELS", "CHANNEL_MULTS", "PATCH_SIZE", "HEAD_CHANNELS", "RES_BLOCKS",
+              "ATTENTION", "Z_CONDITIONING", "NUM_TIMESTEPS", "BETA_START", "BETA_END", "PREDICTION")
 
 
 @torch.no_grad()

@@ -111,6 +111,13 @@ MUTATIONS = [
     # a snap temperature in absolute units instead of the nearest code's distance
     ("snap_scale_absolute", "module.py", "(temperature * nearest_distance)", "temperature",
      ["tests/test_models.py::test_snapped_codes_are_drawn_by_proximity"]),
+    # the folded U-Net's full-resolution head built and trained but its output dropped
+    ("head_output_dropped", "model_diffusion.py", "out = out + self.head(x, F.pixel_shuffle(h, self.patch_size), cond)",
+     "out = out + 0 * self.head(x, F.pixel_shuffle(h, self.patch_size), cond)",
+     [SECOND_STAGE + "test_full_resolution_head_starts_silent_and_learns"]),
+    # the off-codebook share over the vectors' summed squares, not their spread about the mean
+    ("off_codebook_share_uncentred", "model_VAE.py", "(vectors - vectors.mean(0)).pow(2).sum()",
+     "vectors.pow(2).sum()", ["tests/test_models.py::test_off_codebook_share_against_exact_distances"]),
 ]
 
 

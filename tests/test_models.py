@@ -108,6 +108,20 @@ def test_snap_draws_alike_within_a_volume_and_apart_across_volumes():
     assert not torch.equal(independent[0], independent[1])
 
 
+def test_off_codebook_share_against_exact_distances():
+    torch.manual_seed(0)
+    model = VQVAE(num_codes=32, code_dim=4, **SMALL).eval()
+    codebook = model.quantizer.codebook
+    on_codes = codebook[torch.randint(0, 32, (2, 3, 3))].permute(0, 3, 1, 2)      # (B, d, h, w) of codes
+    assert model.off_codebook_share(on_codes) == pytest.approx(0.0, abs=1e-6)
+    latents = on_codes + 0.3 * torch.randn(on_codes.shape)
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    off = (torch.cdist(vectors, codebook.double()).min(1).values ** 2).sum()
+    spread = ((vectors - vectors.mean(0)) ** 2).sum()
+    assert model.off_codebook_share(latents) == pytest.approx((off / spread).item(), rel=1e-4)
+    assert 0.01 < model.off_codebook_share(latents) < 0.5      # neither bound of the figure: the check could fail
+
+
 def test_commitment_loss_pulls_the_encoder_output_toward_its_code():
     """beta x mean squared distance to the nearest code, with its gradient on the latents
     (the codebook follows EMAs and gets none)."""

@@ -192,6 +192,30 @@ def test_unet_shapes_zero_start_and_z_effect():
     assert not torch.allclose(out, unet(x, torch.tensor([50, 40]), torch.tensor([0, 1])), atol=1e-5)
 
 
+def test_full_resolution_head_starts_silent_and_learns():
+    """A folded U-Net's head adds nothing until trained (the U-Net starts as the folded one), then
+    its weights move and it changes the prediction."""
+    torch.manual_seed(0)
+    unet = LatentUNet(in_channels=4, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_timesteps=100,
+                      patch_size=2, head_channels=8)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    x, t, z = torch.randn(4, 4, 8, 8), torch.tensor([5, 30, 60, 90]), torch.tensor([0, 1, 2, 3])
+    head, unet.head = unet.head, None
+    folded_only = unet(x, t, z)
+    unet.head = head
+    assert torch.equal(unet(x, t, z), folded_only)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        GaussianDiffusion(100).loss(unet, x, z).backward()
+        optimizer.step()
+    assert unet.head.conv_out.weight.abs().sum() > 0
+    with torch.no_grad():
+        with_head = unet(x, t, z)
+        unet.head = None
+        assert (with_head - unet(x, t, z)).abs().mean() > 1e-3 * with_head.abs().mean()
+
+
 def test_null_z_drops_the_condition_and_guidance_extrapolates_from_it():
     torch.manual_seed(0)
     unet = LatentUNet(in_channels=4, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_timesteps=100)

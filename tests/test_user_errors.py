@@ -199,6 +199,14 @@ def test_diffusion_rules():
         model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=2, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
     with pytest.raises(util.UserError, match="PATCH_SIZE=5 must divide the first stage's latent grid, 12x12"):
         model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=5), (4, 12, 12))
+    # the full-resolution head: only on folded latents, whose first level must unfold evenly
+    assert args["head_channels"] == DIFFUSION_CONFIG["HEAD_CHANNELS"] > 0 and unet.head is not None
+    assert model_diffusion.unet_args(DIFFUSION_CONFIG, (4, 12, 12))["head_channels"] == 0
+    with pytest.raises(util.UserError, match="HEAD_CHANNELS must be an integer >= 0"):
+        model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=2, HEAD_CHANNELS=-1), (4, 12, 12))
+    with pytest.raises(util.UserError, match=r"BASE_CHANNELS \* CHANNEL_MULTS\[0\] = 18 channels, into "
+                                             r"PATCH_SIZE\^2 = 4 places: make it a multiple of 4, or HEAD_CHANNELS=0"):
+        model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=2, BASE_CHANNELS=18), (4, 12, 12))
     for changes, message in [({"BETA_START": 0.03}, "0 < BETA_START < BETA_END < 1"),
                              ({"PREDICTION": "x0"}, "PREDICTION must be 'v' or 'eps', got 'x0'"),
                              ({"NUM_TIMESTEPS": 0}, "NUM_TIMESTEPS must be a positive integer")]:
