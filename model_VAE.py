@@ -211,9 +211,9 @@ class VQVAE(Autoencoder):
         vector to its nearest code, summed, over the vectors' summed squared deviation from their
         mean. Encoder outputs sit near their codes (a few per cent); a diffusion's samples that
         stray between codes score higher, and snap() then has to pick codes for them."""
-        vectors = rearrange(latents, "b d h w -> (b h w) d").float()
-        nearest = self.quantizer.codebook[self.quantizer.nearest_code(vectors)].float()
-        return ((vectors - nearest).pow(2).sum() / (vectors - vectors.mean(0)).pow(2).sum()).item()
+        latents = latents.float()
+        off = (latents - self.snap(latents)).pow(2).sum()
+        return (off / (latents - latents.mean((0, 2, 3), keepdim=True)).pow(2).sum()).item()
 
     def decode_indices(self, indices, z):
         return self.decode(self.quantizer.embed_indices(indices), z)

@@ -290,11 +290,16 @@ def load_diffusion(path, device):
     return unet.to(device).eval(), build_diffusion(checkpoint["config"]).to(device), checkpoint
 
 
+def unnormalise(latents, stats):
+    """Sampled (normalised) latents back in the first stage's units (stats: a checkpoint's "stats")."""
+    return latents * stats["latent_std"].to(latents.device) + stats["latent_mean"].to(latents.device)
+
+
 def decode_latents(first_stage, latents, stats, z, snap_temperature=0.0, noise_groups=0):
     """Images from sampled (normalised) latents: un-normalise, then decode; a VQVAE first snaps
     each vector to a code, the nearest or, with snap_temperature > 0, one drawn by proximity,
     the slices of each of `noise_groups` volumes alike (VQVAE.snap)."""
-    latents = latents * stats["latent_std"].to(latents.device) + stats["latent_mean"].to(latents.device)
+    latents = unnormalise(latents, stats)
     if isinstance(first_stage, VQVAE):
         latents = first_stage.snap(latents, snap_temperature, noise_groups)
     return first_stage.decode(latents, z)

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 import realism  # noqa: E402
 import util  # noqa: E402
 from latent_dataset import load_latents  # noqa: E402
-from model_diffusion import load_diffusion  # noqa: E402
+from model_diffusion import load_diffusion, unnormalise  # noqa: E402
 from model_prior import load_prior  # noqa: E402
 from model_VAE import load_first_stage  # noqa: E402
 from train_viT import histogram_baseline, histogram_nats_per_code  # noqa: E402
@@ -35,6 +35,7 @@ FIRST_STAGE = "vqvae"        # a VQVAE run whose prior, diffusion and predict.py
 DIFFUSION_RUN = ""           # "" = <FIRST_STAGE>_diffusion; or another stable_diffusion.py run on that first stage
 SAMPLES = 16
 THREADS = 2
+SEED = 0                     # the diffusion's draws, so that its off-codebook figures repeat
 
 
 def read_json(name):
@@ -89,6 +90,7 @@ if __name__ == "__main__":
     stats = checkpoint["stats"]
     shape = (SAMPLES,) + tuple(stats["latent_shape"])
     guidance = checkpoint["sampling"]["guidance"]      # chosen on validate; any scale but 1 doubles the batch
+    torch.manual_seed(SEED)
     ddim, ddim_latents = warm_then_time(lambda: diffusion.sample_ddim(unet, shape, z, 50, x0_bound=stats["x0_bound"],
                                                                       guidance=guidance))
     respaced, (ddpm_latents, _) = warm_then_time(lambda: diffusion.sample_ddpm(
@@ -99,10 +101,7 @@ if __name__ == "__main__":
           f"DDPM-150 {respaced:.2f} s, DDPM-1000 {ddpm:.2f} s ({ddpm / ddim:.1f}x DDIM-50)")
 
     first_stage, _ = load_first_stage(latents["validate"]["checkpoint"], "cpu")
-
-    def off_codebook(normalised):
-        return first_stage.off_codebook_share(normalised * stats["latent_std"] + stats["latent_mean"])
-
+    real_share, ddim_share, ddpm_share = (first_stage.off_codebook_share(values) for values in (
+        latents["validate"]["latents"], unnormalise(ddim_latents, stats), unnormalise(ddpm_latents, stats)))
     print(f"off the codebook (share of the latents' variance; snapping removes it): real validate latents "
-          f"{first_stage.off_codebook_share(latents['validate']['latents']):.1%}, DDIM-50 samples "
-          f"{off_codebook(ddim_latents):.1%}, DDPM-150 samples {off_codebook(ddpm_latents):.1%}")
+          f"{real_share:.1%}, DDIM-50 samples {ddim_share:.1%}, DDPM-150 samples {ddpm_share:.1%}")

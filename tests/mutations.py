@@ -116,8 +116,8 @@ MUTATIONS = [
      "out = out + 0 * self.head(x, F.pixel_shuffle(h, self.patch_size), cond)",
      [SECOND_STAGE + "test_full_resolution_head_starts_silent_and_learns"]),
     # the off-codebook share over the vectors' summed squares, not their spread about the mean
-    ("off_codebook_share_uncentred", "model_VAE.py", "(vectors - vectors.mean(0)).pow(2).sum()",
-     "vectors.pow(2).sum()", ["tests/test_models.py::test_off_codebook_share_against_exact_distances"]),
+    ("off_codebook_share_uncentred", "model_VAE.py", "(latents - latents.mean((0, 2, 3), keepdim=True)).pow(2).sum()",
+     "latents.pow(2).sum()", ["tests/test_models.py::test_off_codebook_share_against_exact_distances"]),
 ]
 
 
