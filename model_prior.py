@@ -119,12 +119,16 @@ class CodePrior(nn.Module):
         tokens = torch.cat([self.z_embedding(z)[:, None], earlier], dim=1)
         return self._code_logits(self._transform(tokens, z, 0, [None] * len(self.blocks)), patches)
 
-    def forward(self, codes, z):
+    def forward(self, codes, z, return_nats_per_code=False):
         """Code grids (B, h, w) and z (B,) -> logits (B, h*w, num_codes) in raster order; the logits
-        of a code predict it from z, the patches before its patch and the codes before it in its patch."""
+        of a code predict it from z, the patches before its patch and the codes before it in its patch.
+        With return_nats_per_code: the codes' mean cross-entropy under those logits instead, taken in
+        patch order (putting the logits in raster order cost a quarter of a training step on 32x32)."""
         patches = rearrange(codes, "b (h p) (w q) -> b (h w) (p q)", p=self.patch_size, q=self.patch_size)
-        return rearrange(self._patch_logits(patches, z), "b (h w) (p q) k -> b (h p w q) k",
-                         h=self.patches_shape[0], p=self.patch_size)
+        logits = self._patch_logits(patches, z)
+        if return_nats_per_code:
+            return nats_per_code(logits, patches)
+        return rearrange(logits, "b (h w) (p q) k -> b (h p w q) k", h=self.patches_shape[0], p=self.patch_size)
 
     @torch.no_grad()
     def sample(self, z, temperature=1.0, top_k=0, use_cache=True):
@@ -183,8 +187,9 @@ def load_prior(path, device):
 
 
 def nats_per_code(logits, codes):
-    """Mean cross-entropy of code grids (B, h, w) under logits (B, h*w, num_codes)."""
-    return F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), rearrange(codes, "b h w -> b (h w)"))
+    """Mean cross-entropy of codes (B, ...) under logits (B, ..., num_codes) holding the codes' places
+    in the same order (a code grid (B, h, w) and raster logits (B, h*w, num_codes), for one)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())
 
 
 @torch.no_grad()

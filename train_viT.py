@@ -28,7 +28,7 @@ import realism
 import util
 from latent_dataset import load_latents
 from logger import TrainingLog
-from model_prior import CodePrior, nats_per_code, prior_args, sample_volumes
+from model_prior import CodePrior, prior_args, sample_volumes
 from model_VAE import load_first_stage
 from module import code_counts_per_position
 
@@ -90,7 +90,7 @@ def evaluate(prior, loader, device):
     prior.eval()
     total, count = 0.0, 0
     for codes, z in loader:
-        total += nats_per_code(prior(codes.to(device), z.to(device)), codes.to(device)).item() * len(codes)
+        total += prior(codes.to(device), z.to(device), return_nats_per_code=True).item() * len(codes)
         count += len(codes)
     prior.train()
     return total / count
@@ -154,7 +154,7 @@ if __name__ == "__main__":
             for group in optimizer.param_groups:
                 group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
             with util.autocast(device, amp_dtype):
-                loss = nats_per_code(model(codes, z), codes)
+                loss = model(codes, z, return_nats_per_code=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)

@@ -145,6 +145,18 @@ def test_patch_prior_reads_codes_in_patch_order():
 
 
 @pytest.mark.parametrize("grid_shape, patch_size", [((3, 4), 1), ((4, 6), 2)])
+def test_training_loss_is_each_codes_negative_log_likelihood(grid_shape, patch_size):
+    """The loss train_viT.py minimises (taken in patch order) is the mean over every code of
+    -log p(code) read off the raster-order logits at that code's place."""
+    prior = tiny_prior(grid_shape, patch_size=patch_size)
+    codes, z = torch.randint(0, 11, (2,) + grid_shape), torch.tensor([3, 17])
+    log_probs = prior(codes, z).log_softmax(-1)
+    reference = -sum(log_probs[b, i, codes[b].flatten()[i]] for b in range(2) for i in range(codes[0].numel()))
+    assert prior(codes, z, return_nats_per_code=True).item() == pytest.approx(reference.item() / codes.numel(),
+                                                                             abs=1e-6)
+
+
+@pytest.mark.parametrize("grid_shape, patch_size", [((3, 4), 1), ((4, 6), 2)])
 def test_cached_sampling_follows_the_full_forward_pass(grid_shape, patch_size):
     """Sampling with the KV cache must draw what full forward passes over the codes drawn so
     far draw from the same random stream."""
