@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import dataset
+import realism
 import util
 from logger import TrainingLog
 from model_discriminator import adaptive_gan_weight, build_discriminator, hinge_discriminator_loss
@@ -60,6 +61,8 @@ GAN_START_STEP = 1248        # GAN terms (and discriminator updates) start after
 GAN_WEIGHT = 0.1             # times the adaptive weight ||grad L_rec|| / ||grad L_gan|| (original: 0.5)
 RANDOM_LATENTS = 4           # random latents decoded per step for the auxiliary GAN term (at most the batch; the
                              # original: the batch, 3): 16 made each GAN step 1.3x as long as 4 here
+DETAIL_WEIGHT = 0.0          # weight of the detail-energy loss (detail_energy_loss); 0 = off
+DETAIL_WINDOW = 8            # its windows, in pixels
 KL_WEIGHT = 1e-6             # VAE: KL weight at the top of each annealing cycle
 KL_CYCLE_STEPS = 500         # VAE: the KL weight ramps from half to full over each cycle
 USE_BF16 = None              # bf16 autocast on the CPU: None = where it has bf16 instructions (AVX-512-BF16 or AMX:
@@ -80,6 +83,15 @@ NUM_Z = dataset.SLICES_PER_BRAIN
 def kl_weight(step):
     """Cyclical annealing: KL_WEIGHT * (0.5 -> 1) linearly over each KL_CYCLE_STEPS steps."""
     return KL_WEIGHT * (0.5 + 0.5 * (step % KL_CYCLE_STEPS) / KL_CYCLE_STEPS)
+
+
+def detail_energy_loss(reconstructions, images):
+    """L1 between the local RMS of the reconstructions' and the images' Laplacian, over
+    DETAIL_WINDOW-pixel windows: it asks for as much fine detail as the image has in each window,
+    not for the detail itself, which the code may not hold (L1 alone then blurs it away)."""
+    def local_rms(x):
+        return (F.avg_pool2d(realism.laplacian(x) ** 2, DETAIL_WINDOW) + 1e-8).sqrt()   # 1e-8: sqrt's slope at 0
+    return F.l1_loss(local_rms(reconstructions), local_rms(images))
 
 
 def random_latents(model, code_histogram, n, device):
@@ -105,6 +117,9 @@ def generator_loss(model, core_model, core_discriminator, images, zs, step, code
     else:
         losses = {"rec_loss": rec_loss, "kl_loss": regulariser, "kl_weight": kl_weight(step)}
         total = rec_loss + kl_weight(step) * regulariser
+    if DETAIL_WEIGHT:
+        losses["detail_loss"] = detail_energy_loss(reconstruction.float(), images)
+        total = total + DETAIL_WEIGHT * losses["detail_loss"]
     generated = None
     if step >= GAN_START_STEP:
         random_zs = zs[:RANDOM_LATENTS]
@@ -137,7 +152,9 @@ def save_grids(model, loader, code_histogram, device, epoch):
 
 if __name__ == "__main__":
     config = util.apply_overrides(globals(), other_types={"ENCODER_RES_BLOCKS": tuple, "DECODER_RES_BLOCKS": tuple})
-    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "KL_CYCLE_STEPS", "RANDOM_LATENTS"))
+    util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "KL_CYCLE_STEPS", "RANDOM_LATENTS", "DETAIL_WINDOW"))
+    if not DETAIL_WEIGHT >= 0:
+        raise util.UserError(f"DETAIL_WEIGHT must be >= 0 (0 = no detail-energy loss), got {DETAIL_WEIGHT}")
     if TRAIN_SPLIT not in dataset.TRAINING_MODES:
         raise util.UserError(f"TRAIN_SPLIT must be one of {', '.join(dataset.TRAINING_MODES)}, got {TRAIN_SPLIT!r}")
     run_name = RUN_NAME or MODE.lower()

@@ -67,12 +67,17 @@ def gaussian_blur(images, sigma):
     return F.conv2d(F.conv2d(padded, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
 
 
+def laplacian(images):
+    """The 3x3 Laplacian of (B, 1, H, W) images, replicating the border: their finest detail."""
+    return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), LAPLACIAN.to(images).view(1, 1, 3, 3))
+
+
 def laplacian_moments(images):
     """Per image (B,), of the Laplacian L inside the eroded brain mask, intensity in [0, 1]: (the
     high-frequency energy, the mean of L^2; the kurtosis of L, E[(L - mean)^4] / var^2 as
     scipy.stats.kurtosis(fisher=False), 0 where the brain is flat or missing)."""
     images = (images.float().clamp(-1, 1) + 1) / 2
-    laplacian = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), LAPLACIAN.to(images).view(1, 1, 3, 3))
+    detail = laplacian(images)
     brain = (images > BRAIN_THRESHOLD).float()
     brain = -F.max_pool2d(-brain, 2 * MASK_EROSION + 1, stride=1, padding=MASK_EROSION)
     pixels = brain.flatten(1).sum(1).clamp(min=1)
@@ -80,9 +85,9 @@ def laplacian_moments(images):
     def brain_mean(values):
         return (values * brain).flatten(1).sum(1) / pixels
 
-    centred = laplacian - brain_mean(laplacian)[:, None, None, None]
+    centred = detail - brain_mean(detail)[:, None, None, None]
     variance = brain_mean(centred ** 2)
-    return brain_mean(laplacian ** 2), brain_mean(centred ** 4) / (variance ** 2).clamp(min=1e-20)
+    return brain_mean(detail ** 2), brain_mean(centred ** 4) / (variance ** 2).clamp(min=1e-20)
 
 
 # ----------------------------------------------------------------------------- per-slice description

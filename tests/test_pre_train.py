@@ -9,8 +9,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import dataset
+import realism
 import util
 from logger import read_log
 from model_discriminator import build_discriminator
@@ -167,6 +169,37 @@ def test_code_counts_per_position_against_one_hot():
     assert torch.equal(counts, torch.nn.functional.one_hot(indices, 7).sum(0))
 
 
+def detail_energy_reference(reconstructions, images, window):
+    """pre_train.detail_energy_loss in NumPy: the mean |difference| of the RMS of each image's
+    Laplacian (edges repeated) over window x window blocks."""
+    def block_rms(batch):
+        energy = np.stack([ndimage.laplace(image[0].astype(np.float64), mode="nearest") ** 2 for image in batch])
+        n, h, w = energy.shape
+        blocks = energy.reshape(n, h // window, window, w // window, window).mean((2, 4))
+        return np.sqrt(blocks + 1e-8)
+    return np.abs(block_rms(reconstructions) - block_rms(images)).mean()
+
+
+def test_detail_energy_loss_gives_a_blurred_image_its_detail_back():
+    """Zero against the image itself, the NumPy reference against the image blurred, and a
+    gradient step on the blurred image raises its detail energy."""
+    import pre_train
+    torch.manual_seed(0)
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    window = pre_train.DETAIL_WINDOW
+    inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))   # away from the border the Laplacian reads
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False).requires_grad_()
+    loss = pre_train.detail_energy_loss(blurred, images)
+    assert loss.item() == pytest.approx(detail_energy_reference(blurred.detach().numpy(), images.numpy(), window),
+                                        rel=1e-5)
+    assert pre_train.detail_energy_loss(images, images).item() == 0
+    assert loss.item() > 0.05
+    loss.backward()
+    energy_before = realism.laplacian(blurred.detach())[inside].pow(2).mean()
+    energy_after = realism.laplacian(blurred.detach() - 0.1 * blurred.grad / blurred.grad.abs().max())[inside].pow(2).mean()
+    assert energy_after > energy_before
+
+
 @pytest.mark.parametrize("mode", ["VQVAE", "VAE"])
 def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
     """The loss that is optimised, not the one logged: L1 + the VQ commitment loss or the
@@ -174,7 +207,8 @@ def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
     import pre_train
     from model_discriminator import adaptive_gan_weight
     # weights at which every term is far above float rounding, so a dropped one shows
-    for name, value in {"KL_WEIGHT": 0.01, "GAN_WEIGHT": 1.0, "IMG_SIZE": 32, "RANDOM_LATENTS": 2}.items():
+    for name, value in {"KL_WEIGHT": 0.01, "GAN_WEIGHT": 1.0, "DETAIL_WEIGHT": 0.5, "IMG_SIZE": 32,
+                        "RANDOM_LATENTS": 2}.items():
         monkeypatch.setattr(pre_train, name, value)
     config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
     config.update(MODE=mode, BASE_CHANNELS=16, NUM_CODES=32, CODE_DIM=4, LATENT_CHANNELS=4, DISC_CHANNELS=8)
@@ -195,6 +229,7 @@ def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
     g_loss, g_random_loss = -discriminator(reconstruction, zs).mean(), -discriminator(generated, zs[:2]).mean()
     gan_term = adaptive_gan_weight(rec_loss, g_loss, model.last_layer_weight) * (g_loss + g_random_loss)
     regulariser_term = regulariser * (1.0 if mode == "VQVAE" else pre_train.kl_weight(step))
-    assert min(regulariser_term.item(), abs(gan_term.item())) > 0.01 * rec_loss.item()
-    assert total.item() == pytest.approx((rec_loss + regulariser_term + gan_term).item(), rel=1e-5)
+    detail_term = 0.5 * detail_energy_reference(reconstruction.detach().numpy(), images.numpy(), pre_train.DETAIL_WINDOW)
+    assert min(regulariser_term.item(), abs(gan_term.item()), detail_term) > 0.01 * rec_loss.item()
+    assert total.item() == pytest.approx((rec_loss + regulariser_term + gan_term).item() + detail_term, rel=1e-5)
     assert losses["rec_loss"].item() == pytest.approx(rec_loss.item(), rel=1e-5)

@@ -69,6 +69,7 @@ def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
     ("latent_dataset.py", ["--BATCH_SIZE=0"], "BATCH_SIZE must be a positive integer, got 0"),
     ("pre_train.py", ["--TRAIN_SPLIT=test", "--DATA_DIR=none"],
      "TRAIN_SPLIT must be one of train, train_and_validate, got 'test'"),
+    ("pre_train.py", ["--DETAIL_WEIGHT=-0.5"], "DETAIL_WEIGHT must be >= 0 (0 = no detail-energy loss), got -0.5"),
     ("train_viT.py", ["--EPOCHS=-1"], "EPOCHS must be a positive integer, got -1"),
     ("stable_diffusion.py", ["--LOSS=MSE"], "LOSS must be 'mse' or 'l1', got 'MSE'"),   # once silently L1
     ("stable_diffusion.py", ["--Z_DROP=0.0"], "GUIDANCE_SCALES (1.0, 2.0, 3.0) need an unconditional branch: "
