@@ -118,6 +118,11 @@ MUTATIONS = [
     # the off-codebook share over the vectors' summed squares, not their spread about the mean
     ("off_codebook_share_uncentred", "model_VAE.py", "(latents - latents.mean((0, 2, 3), keepdim=True)).pow(2).sum()",
      "latents.pow(2).sum()", ["tests/test_models.py::test_off_codebook_share_against_exact_distances"]),
+    ("detail_loss_on_energy_not_rms", "pre_train.py", "DETAIL_WINDOW) + 1e-8).sqrt()", "DETAIL_WINDOW) + 1e-8)",
+     [PRE_TRAIN + "test_detail_energy_loss_gives_a_blurred_image_its_detail_back"] + GENERATOR_LOSS),
+    ("prior_loss_against_raster_codes", "model_prior.py", "return nats_per_code(logits, patches)",
+     "return nats_per_code(logits, codes)",
+     [SECOND_STAGE + "test_training_loss_is_each_codes_negative_log_likelihood"]),
 ]
 
 
