@@ -13,7 +13,7 @@ import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
 from model_VAE import VAE, VQVAE, build_model
-from module import ResBlock, VectorQuantizer, codebook_stats, group_norm
+from module import ResBlock, VectorQuantizer, argmin_rows, codebook_stats, group_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks_encoder=1, num_res_blocks_decoder=1,
@@ -75,6 +75,15 @@ def test_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through(
     assert torch.allclose(quantised.detach(), quantizer.embed_indices(indices))
     (quantised * torch.arange(5.0)).sum().backward()
     assert torch.allclose(latents.grad, torch.arange(5.0).expand_as(latents))   # identity gradient
+
+
+@pytest.mark.parametrize("width", [1024, 1000])   # blocks of 32, and a width they do not divide
+def test_two_level_argmin_is_argmin_ties_included(width):
+    torch.manual_seed(0)
+    scores = torch.randn(300, width).round(decimals=1)   # rounded: many rows tie for their minimum
+    scores[7] = 0.0                                       # a row that is all ties
+    assert torch.equal(argmin_rows(scores), scores.argmin(1))
+    assert argmin_rows(scores)[7] == 0
 
 
 def test_snapped_codes_are_drawn_by_proximity():
