@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test gpu sharp
+.PHONY: demo test gpu
 demo: $(VENV)/.runtime-installed
 	$(PY) dataset.py
 	$(PY) train_critic.py
@@ -28,16 +28,6 @@ gpu: $(VENV)/.runtime-installed
 	$(PY) stable_diffusion.py config/stable_diffusion_gpu.py
 	$(PY) predict.py config/predict_gpu.py
 	$(PY) logger.py
-
-# the CPU pipeline on a 32x32 latent grid (config/*_sharp.py): sharper, slower than `make`
-sharp: $(VENV)/.runtime-installed
-	$(PY) dataset.py
-	$(PY) train_critic.py
-	$(PY) pre_train.py config/pre_train_sharp.py
-	$(PY) latent_dataset.py --FIRST_STAGE=vqvae32
-	$(PY) train_viT.py config/train_viT_sharp.py
-	$(PY) stable_diffusion.py config/stable_diffusion_sharp.py
-	$(PY) predict.py config/predict_sharp.py
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q tests

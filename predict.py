@@ -44,7 +44,7 @@ from module import code_counts_per_position, codebook_stats
 FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STAGE>_prior / _diffusion
 SPLIT = "test"               # the split whose reconstruction SSIM and codebook usage are reported
 VOLUMES = 4                  # volumes drawn per sampler (the real sets have 8 brains each; 8 on a GPU)
-DDPM_STEPS = 150             # ancestral DDPM steps, respaced from the 1000 trained ones (config/predict_gpu.py:
+DDPM_STEPS = 100             # ancestral DDPM steps, respaced from the 1000 trained ones (config/predict_gpu.py:
                              # all 1000, as the original); 4 volumes x 1000 steps take ~4 min on 2 cores
 BLUR_SIGMA = 1.0             # control: validate blurred by a Gaussian of 1 px at 64x64 (scaled with the size)
 NOISE_STD = 0.1              # control: validate plus Gaussian noise of this std (images span [-1, 1])
@@ -182,7 +182,9 @@ if __name__ == "__main__":
     z = torch.arange(NUM_Z, device=device).repeat(VOLUMES)
 
     def timed(name, draw):
-        """Run a sampler, keep its volumes (V, 32, 1, H, W) on the CPU and its time."""
+        """Run a sampler from SEED, keep its volumes (V, 32, 1, H, W) on the CPU and its time. Each
+        starts from the seed, so its draws do not depend on which other samplers ran before it."""
+        util.seed_everything(SEED)
         start = time.time()
         sources[name] = draw().float().cpu().view(VOLUMES, NUM_Z, 1, img_size, img_size)
         seconds[name] = time.time() - start

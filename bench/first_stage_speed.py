@@ -36,10 +36,11 @@ import model_VAE  # noqa: E402
 from model_discriminator import hinge_discriminator_loss  # noqa: E402
 from module import GroupNorm  # noqa: E402
 
-FIRST_STAGE_PRESET = ""      # a config/pre_train*.py file for our contestant ("" = pre_train.py's CPU preset);
-                             # its IMG_SIZE is everyone's image size
+FIRST_STAGE_PRESET = "config/pre_train_grid16.py"   # a config/pre_train*.py file for our contestant ("" =
+                             # pre_train.py's CPU preset); its IMG_SIZE is everyone's image size. The race is on
+                             # a 16x16 grid, so the default is the CPU preset's 16x16 variant
 CONTESTANT_NAMES = ()        # which of CONTESTANTS run (() = all)
-MONAI_CHANNELS = (56, 112)   # MONAI VQVAE's channels per stride-2 level: (56, 112) matches our CPU preset's size
+MONAI_CHANNELS = (56, 112)   # MONAI VQVAE's channels per stride-2 level: (56, 112) matches config/pre_train_grid16.py's size
 MONAI_RES_LAYERS = 1
 MONAI_DISC_CHANNELS = 32
 MONAI_DISC_LAYERS = 2

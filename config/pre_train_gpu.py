@@ -23,3 +23,4 @@ LR = 5e-4
 GAN_START_STEP = 720            # half-way on the demo brains
 GAN_WEIGHT = 0.1
 RANDOM_LATENTS = 32              # one random latent per image, as the original and as measured on the H200
+DETAIL_WEIGHT = 0.0              # the detail-energy loss is untried at 256x256; on a 16x16 grid at 64x64 it cost SSIM

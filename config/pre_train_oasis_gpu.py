@@ -22,3 +22,4 @@ LR = 2e-4
 GAN_START_STEP = 10000
 GAN_WEIGHT = 0.5
 KL_CYCLE_STEPS = 500
+DETAIL_WEIGHT = 0.0          # the original had no detail-energy loss

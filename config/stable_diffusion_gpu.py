@@ -1,6 +1,7 @@
 # The latent DDPM over the GPU first stage's 16x16 latents (config/pre_train_gpu.py):
 #   python stable_diffusion.py config/stable_diffusion_gpu.py
 FIRST_STAGE = "vqvae256"
+PATCH_SIZE = 1                   # the 16x16 grid unfolded
 BASE_CHANNELS = 64
 CHANNEL_MULTS = (1, 2, 2)
 RES_BLOCKS = 2

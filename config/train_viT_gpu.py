@@ -1,6 +1,7 @@
 # The transformer prior over the GPU first stage's 16x16 codes (config/pre_train_gpu.py):
 #   python train_viT.py config/train_viT_gpu.py
 FIRST_STAGE = "vqvae256"
+PATCH_SIZE = 1                   # a code a position: the 16x16 grid is 256 positions already
 N_LAYER = 8
 N_HEAD = 8
 N_EMBD = 256

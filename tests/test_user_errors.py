@@ -72,7 +72,7 @@ def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
     ("pre_train.py", ["--DETAIL_WEIGHT=-0.5"], "DETAIL_WEIGHT must be >= 0 (0 = no detail-energy loss), got -0.5"),
     ("train_viT.py", ["--EPOCHS=-1"], "EPOCHS must be a positive integer, got -1"),
     ("stable_diffusion.py", ["--LOSS=MSE"], "LOSS must be 'mse' or 'l1', got 'MSE'"),   # once silently L1
-    ("stable_diffusion.py", ["--Z_DROP=0.0"], "GUIDANCE_SCALES (1.0, 2.0, 3.0) need an unconditional branch: "
+    ("stable_diffusion.py", ["--Z_DROP=0.0"], "GUIDANCE_SCALES (1.0, 2.0) need an unconditional branch: "
      "Z_CONDITIONING=True and Z_DROP > 0"),
     ("stable_diffusion.py", ["--SNAP_TEMPERATURES=(1.0, -1.0)"],
      "SNAP_TEMPERATURES must hold temperatures >= 0 (0 = nearest code), got (1.0, -1.0)"),
