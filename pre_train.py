@@ -65,7 +65,9 @@ RANDOM_LATENTS = 4           # random latents decoded per step for the auxiliary
                              # original: the batch, 3): 16 made each GAN step 1.3x as long as 4 here
 DETAIL_WEIGHT = 2.0          # weight of the detail-energy loss (detail_energy_loss; 0 = off): at 1 it brought a
                              # 64-channel VQVAE's reconstructions from 0.80 to 1.01 of real's sharpness (test SSIM
-                             # 0.991 against 0.994); 2 gave the diffusion's samples 1.08 against 0.92 (README)
+                             # 0.991 against 0.994). Here 2 against 1: the same reconstruction sharpness (0.95 on
+                             # test), SSIM 0.980 against 0.985, and diffusion samples a little closer to real at
+                             # every snap temperature on validate (Frechet, tissue, sharpness; README, "Realism")
 DETAIL_WINDOW = 8            # its windows, in pixels
 KL_WEIGHT = 1e-6             # VAE: KL weight at the top of each annealing cycle
 KL_CYCLE_STEPS = 500         # VAE: the KL weight ramps from half to full over each cycle

@@ -51,8 +51,7 @@ ATTENTION = True             # self-attention at the lowest level and in the mid
 Z_CONDITIONING = True        # embed the slice index z into every res block
 Z_DROP = 0.1                 # share of training latents told no z (model_diffusion.NULL_Z): the unconditional
                              # branch that classifier-free guidance needs
-GUIDANCE_SCALES = (1.0, 2.0)  # guidance scales tried after training (1 = plain conditional; 3 ranked below 2 at
-                             # every temperature in each of three 32x32-grid runs) ...
+GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # guidance scales tried after training (1 = plain conditional) ...
 SNAP_TEMPERATURES = (0.0, 1.0, 2.0, 3.0)   # ... each with these snap temperatures (VQVAE: each sampled vector
                              # to its nearest code, 0, or to one drawn by proximity, VQVAE.snap; on the 32x32 grid
                              # 3 raised DDPM's sharpness from 0.66 to real's, its detail still near Gaussian: detail

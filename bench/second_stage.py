@@ -1,12 +1,11 @@
 """Second stage on the demo brains: quality from the runs `make` leaves behind (nats per code,
 diffusion loss, predict.py's realism table), and sampling speed measured here (transformer
-prior with and without its KV cache; DDIM-50, DDPM respaced to 150 steps (as predict.py on the CPU) and the full DDPM-1000
+prior with and without its KV cache; DDIM-50, DDPM respaced to RESPACED_STEPS (as predict.py on the CPU) and the full DDPM-1000
 of the latent diffusion), and how far the diffusion's sampled latents lie from the codebook
 before they are snapped (VQVAE.off_codebook_share, next to real validate latents').
 
     make                                   # trains everything (or: the scripts one by one)
     .venv/bin/python bench/second_stage.py
-    .venv/bin/python bench/second_stage.py --FIRST_STAGE=vqvae32      # after `make sharp`
 
 The prior's baseline is each position's train-split code histogram with the pseudo-count of
 train_viT.HISTOGRAM_PSEUDO_COUNTS that scores best on validate, scored on test. The prior
@@ -32,6 +31,7 @@ from model_VAE import load_first_stage  # noqa: E402
 from train_viT import histogram_baseline, histogram_nats_per_code  # noqa: E402
 
 FIRST_STAGE = "vqvae"        # a VQVAE run whose prior, diffusion and predict.py have run
+RESPACED_STEPS = 100         # the respaced DDPM's steps: predict.DDPM_STEPS, the CPU's
 DIFFUSION_RUN = ""           # "" = <FIRST_STAGE>_diffusion; or another stable_diffusion.py run on that first stage
 SAMPLES = 16
 THREADS = 2
@@ -94,14 +94,14 @@ if __name__ == "__main__":
     ddim, ddim_latents = warm_then_time(lambda: diffusion.sample_ddim(unet, shape, z, 50, x0_bound=stats["x0_bound"],
                                                                       guidance=guidance))
     respaced, (ddpm_latents, _) = warm_then_time(lambda: diffusion.sample_ddpm(
-        unet, shape, z, x0_bound=stats["x0_bound"], steps=150, guidance=guidance))
+        unet, shape, z, x0_bound=stats["x0_bound"], steps=RESPACED_STEPS, guidance=guidance))
     ddpm, _ = warm_then_time(lambda: diffusion.sample_ddpm(unet, shape, z, x0_bound=stats["x0_bound"],
                                                            guidance=guidance))
     print(f"diffusion sampling, {SAMPLES} latents {shape[1:]}, guidance {guidance:g}: DDIM-50 {ddim:.2f} s, "
-          f"DDPM-150 {respaced:.2f} s, DDPM-1000 {ddpm:.2f} s ({ddpm / ddim:.1f}x DDIM-50)")
+          f"DDPM-{RESPACED_STEPS} {respaced:.2f} s, DDPM-1000 {ddpm:.2f} s ({ddpm / ddim:.1f}x DDIM-50)")
 
     first_stage, _ = load_first_stage(latents["validate"]["checkpoint"], "cpu")
     real_share, ddim_share, ddpm_share = (first_stage.off_codebook_share(values) for values in (
         latents["validate"]["latents"], unnormalise(ddim_latents, stats), unnormalise(ddpm_latents, stats)))
     print(f"off the codebook (share of the latents' variance; snapping removes it): real validate latents "
-          f"{real_share:.1%}, DDIM-50 samples {ddim_share:.1%}, DDPM-150 samples {ddpm_share:.1%}")
+          f"{real_share:.1%}, DDIM-50 samples {ddim_share:.1%}, DDPM-{RESPACED_STEPS} samples {ddpm_share:.1%}")

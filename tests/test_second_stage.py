@@ -27,16 +27,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FIRST_STAGE = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 2)", "--PATCH_SIZE=2",
                     "--NUM_CODES=32", "--CODE_DIM=4", "--LATENT_CHANNELS=4", "--DISC_CHANNELS=8",
                     "--DISC_LAYERS=2", "--BATCH_SIZE=8", "--GAN_START_STEP=8", "--LR=1e-3", "--EPOCHS=2",
+                    "--DETAIL_WEIGHT=0.0",   # off, as in test_pre_train.py's tiny runs: it held their L1 back
                     "--USE_BF16=False"]   # fp32 on every CPU, so the margins below hold on every machine
 # the VQVAE trains long enough (test SSIM 0.84) for its codes to hold structure a prior can learn
 LEARNED_VQVAE = ["--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3", "--GAN_START_STEP=112"]
 # 4 + 8 + 16 = 28 features, fewer than the 32 slices of the one test brain: a Frechet distance
 TINY_CRITIC = ["--IMG_SIZE=32", "--EPOCHS=2", "--CHANNELS=(4, 8, 16)", "--BATCH_SIZE=16"]
 TINY_PREDICT = ["--VOLUMES=2", "--TSNE_POINTS=64", "--DDPM_STEPS=100"]
+# a code a position on the tiny 8x8 grid, for which the margins below were set (the defaults' 2x2
+# patches run in test_torchrun_two_processes and in the models' own tests)
 TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3",
-              "--SWEEP_VOLUMES=2", "--TOP_KS=(0, 8)", "--USE_BF16=False"]     # fp32, as TINY_FIRST_STAGE
+              "--SWEEP_VOLUMES=2", "--TOP_KS=(0, 8)", "--PATCH_SIZE=1", "--USE_BF16=False"]     # fp32, as TINY_FIRST_STAGE
 TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5",
-                  "--SWEEP_VOLUMES=2", "--USE_BF16=False"]
+                  "--SWEEP_VOLUMES=2", "--PATCH_SIZE=1", "--USE_BF16=False"]
 
 
 def default_precision(arguments):
@@ -478,6 +481,7 @@ def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--standalone", os.path.join(ROOT, script),
                              *second_stage_args(first_stage_dir, "--EPOCHS=1", *extra, *NO_SEARCH[script],
+                                                "--PATCH_SIZE=2",     # the defaults' 2x2 patches
                                                 f"--CKPT_DIR={tmp_path}",
                                                 f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

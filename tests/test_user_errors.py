@@ -17,7 +17,8 @@ import train_viT
 import util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIRST_STAGE_CONFIG = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
+FIRST_STAGE_CONFIG = dict({name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))},
+                          BASE_CHANNELS=32, CHANNEL_MULTS=(1, 2))   # two levels: per-level rules have levels to count
 PRIOR_CONFIG = {name: getattr(train_viT, name) for name in util.config_names(vars(train_viT))}
 DIFFUSION_CONFIG = {name: getattr(stable_diffusion, name) for name in util.config_names(vars(stable_diffusion))}
 
@@ -41,15 +42,15 @@ def assert_one_sentence(returncode, stderr, *fragments):
 # ----------------------------------------------------------------------------- scripts, as a user runs them
 def test_img_size_that_the_encoder_cannot_divide_names_the_rule(tmp_path):
     # a missing DATA_DIR too: the shape check must come before any data is read
-    returncode, _, stderr = run_script("pre_train.py", "--IMG_SIZE=50", f"--DATA_DIR={tmp_path}/none",
-                                       f"--CKPT_DIR={tmp_path}")
+    returncode, _, stderr = run_script("pre_train.py", "--IMG_SIZE=50", "--CHANNEL_MULTS=(1, 2)",
+                                       f"--DATA_DIR={tmp_path}/none", f"--CKPT_DIR={tmp_path}")
     assert_one_sentence(returncode, stderr, "IMG_SIZE must be a multiple of PATCH_SIZE x 2^(len(CHANNEL_MULTS) - 1)"
                         " = 2 x 2^1 = 4", "e.g. 48 or 52; got 50")
 
 
 def test_value_of_the_wrong_type_names_the_type_and_an_example_without_parser_internals(tmp_path):
     returncode, _, stderr = run_script("pre_train.py", "--EPOCHS=ten", f"--CKPT_DIR={tmp_path}")
-    assert_one_sentence(returncode, stderr, "EPOCHS must be an integer, e.g. --EPOCHS=18 (its default); got 'ten'")
+    assert_one_sentence(returncode, stderr, "EPOCHS must be an integer, e.g. --EPOCHS=14 (its default); got 'ten'")
     assert "ast" not in stderr and "malformed" not in stderr
     returncode, _, stderr = run_script("pre_train.py", "--USE_BF16=yes", f"--CKPT_DIR={tmp_path}")
     assert_one_sentence(returncode, stderr, "USE_BF16 must be None (where the CPU has bf16 instructions), True or "
@@ -58,8 +59,8 @@ def test_value_of_the_wrong_type_names_the_type_and_an_example_without_parser_in
 
 def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
     # the encoder's tuple is accepted; the decoder's has one count too many for two levels
-    returncode, _, stderr = run_script("pre_train.py", "--ENCODER_RES_BLOCKS=(1, 2)", "--DECODER_RES_BLOCKS=(1, 2, 3)",
-                                       f"--DATA_DIR={tmp_path}/none")
+    returncode, _, stderr = run_script("pre_train.py", "--CHANNEL_MULTS=(1, 2)", "--ENCODER_RES_BLOCKS=(1, 2)",
+                                       "--DECODER_RES_BLOCKS=(1, 2, 3)", f"--DATA_DIR={tmp_path}/none")
     assert_one_sentence(returncode, stderr, "DECODER_RES_BLOCKS must be an integer >= 0 or a tuple of one per level "
                         "(2, as in CHANNEL_MULTS), e.g. (1, 1); got (1, 2, 3)")
 
@@ -72,7 +73,7 @@ def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
     ("pre_train.py", ["--DETAIL_WEIGHT=-0.5"], "DETAIL_WEIGHT must be >= 0 (0 = no detail-energy loss), got -0.5"),
     ("train_viT.py", ["--EPOCHS=-1"], "EPOCHS must be a positive integer, got -1"),
     ("stable_diffusion.py", ["--LOSS=MSE"], "LOSS must be 'mse' or 'l1', got 'MSE'"),   # once silently L1
-    ("stable_diffusion.py", ["--Z_DROP=0.0"], "GUIDANCE_SCALES (1.0, 2.0) need an unconditional branch: "
+    ("stable_diffusion.py", ["--Z_DROP=0.0"], "GUIDANCE_SCALES (1.0, 2.0, 3.0) need an unconditional branch: "
      "Z_CONDITIONING=True and Z_DROP > 0"),
     ("stable_diffusion.py", ["--SNAP_TEMPERATURES=(1.0, -1.0)"],
      "SNAP_TEMPERATURES must hold temperatures >= 0 (0 = nearest code), got (1.0, -1.0)"),
@@ -110,7 +111,7 @@ def test_missing_data_folder(tmp_path):
 
 
 def test_checkpoint_from_another_config_is_refused_without_traceback(demo_dir, tmp_path):
-    tiny = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--NUM_CODES=32", "--CODE_DIM=4", "--DISC_CHANNELS=8",
+    tiny = ["--IMG_SIZE=32", "--BASE_CHANNELS=16", "--CHANNEL_MULTS=(1, 2)", "--NUM_CODES=32", "--CODE_DIM=4", "--DISC_CHANNELS=8",
             "--BATCH_SIZE=8", f"--DATA_DIR={demo_dir}", f"--CKPT_DIR={tmp_path}"]
     config = dict(FIRST_STAGE_CONFIG, IMG_SIZE=32, BASE_CHANNELS=8, NUM_CODES=32, CODE_DIM=4, DISC_CHANNELS=8)
     util.save_checkpoint({"config": config}, str(tmp_path / "vqvae_last.pt"))
@@ -185,13 +186,13 @@ def test_prior_rules():
 
 def test_diffusion_rules():
     # 12x12 latents: two halvings fit (12 -> 6 -> 3), a third does not
-    args = model_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
+    args = model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=1, CHANNEL_MULTS=(1, 2, 2)), (4, 12, 12))
     unet = model_diffusion.LatentUNet(**args)
     assert unet(torch.zeros(1, 4, 12, 12), torch.tensor([5]), torch.tensor([3])).shape == (1, 4, 12, 12)
     with pytest.raises(util.UserError, match=r"CHANNEL_MULTS has 4 levels, .* multiple of PATCH_SIZE \* "
                                              r"2\^\(len\(CHANNEL_MULTS\) - 1\) = 8; the first stage's are 12x12: "
                                              r"use at most 3 levels, e.g. \(1, 2, 2\)"):
-        model_diffusion.unet_args(dict(DIFFUSION_CONFIG, CHANNEL_MULTS=(1, 2, 2, 2)), (4, 12, 12))
+        model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=1, CHANNEL_MULTS=(1, 2, 2, 2)), (4, 12, 12))
     # patches of 2 leave 6x6: one halving fits, a second does not; patches of 5 do not tile 12x12
     args = model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=2, CHANNEL_MULTS=(1, 2)), (4, 12, 12))
     unet = model_diffusion.LatentUNet(**args)
@@ -202,7 +203,7 @@ def test_diffusion_rules():
         model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=5), (4, 12, 12))
     # the full-resolution head: only on folded latents, whose first level must unfold evenly
     assert args["head_channels"] == DIFFUSION_CONFIG["HEAD_CHANNELS"] > 0 and unet.head is not None
-    assert model_diffusion.unet_args(DIFFUSION_CONFIG, (4, 12, 12))["head_channels"] == 0
+    assert model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=1), (4, 12, 12))["head_channels"] == 0
     with pytest.raises(util.UserError, match="HEAD_CHANNELS must be an integer >= 0"):
         model_diffusion.unet_args(dict(DIFFUSION_CONFIG, PATCH_SIZE=2, HEAD_CHANNELS=-1), (4, 12, 12))
     with pytest.raises(util.UserError, match=r"BASE_CHANNELS \* CHANNEL_MULTS\[0\] = 18 channels, into "
