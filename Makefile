@@ -9,7 +9,7 @@ demo: $(VENV)/.runtime-installed
 	$(PY) dataset.py
 	$(PY) train_critic.py
 	$(PY) pre_train.py --MODE=VQVAE
-	$(PY) pre_train.py --MODE=VAE
+	$(PY) pre_train.py config/pre_train_vae.py
 	$(PY) latent_dataset.py --FIRST_STAGE=vqvae
 	$(PY) train_viT.py
 	$(PY) stable_diffusion.py

@@ -1,5 +1,5 @@
 """Quality of the default CPU first stage on the demo brains: trains VQVAE and VAE from scratch
-with pre_train.py's defaults (runs named bench_vqvae / bench_vae; earlier ones are deleted) and
+as `make` does (runs named bench_vqvae / bench_vae; earlier ones are deleted) and
 prints test SSIM, codebook usage on the test split, training images/s and wall time.
 
     .venv/bin/python bench/first_stage_quality.py
@@ -15,12 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if __name__ == "__main__":
     rows = []
-    for mode in ("VQVAE", "VAE"):
+    for mode, preset in (("VQVAE", []), ("VAE", ["config/pre_train_vae.py"])):   # as `make` trains them
         run = f"bench_{mode.lower()}"
         for path in glob.glob(os.path.join(ROOT, "model_ckpt", f"{run}_*.pt")):
             os.remove(path)
         start = time.time()
-        subprocess.run([sys.executable, "pre_train.py", f"--MODE={mode}", f"--RUN_NAME={run}"],
+        subprocess.run([sys.executable, "pre_train.py", *preset, f"--MODE={mode}", f"--RUN_NAME={run}"],
                        cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
         wall = time.time() - start
         with open(os.path.join(ROOT, "log", f"{run}_summary.json")) as f:
