@@ -123,6 +123,9 @@ MUTATIONS = [
     ("prior_loss_against_raster_codes", "model_prior.py", "return nats_per_code(logits, patches)",
      "return nats_per_code(logits, codes)",
      [SECOND_STAGE + "test_training_loss_is_each_codes_negative_log_likelihood"]),
+    ("nearest_code_forgets_its_block", "module.py", "return best_block * block + blocks[", "return blocks[",
+     ["tests/test_models.py::test_two_level_argmin_is_argmin_ties_included",
+      "tests/test_models.py::test_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through"]),
 ]
 
 
