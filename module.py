@@ -183,9 +183,9 @@ class VectorQuantizer(nn.Module):
         sits on a code keeps it. Temperature 0 is nearest_code. Each row's draw inverts its
         cumulative law at a uniform in [0, 1): `uniforms` (N,), or fresh ones; rows given the same
         uniform and alike distances draw alike."""
-        scores = self._code_scores(vectors)
         if temperature == 0:
-            return scores.argmin(1)
+            return self.nearest_code(vectors)
+        scores = self._code_scores(vectors)
         nearest = scores.min(1, keepdim=True).values
         nearest_distance = (nearest + vectors.float().pow(2).sum(1, keepdim=True)).clamp(min=1e-12)
         cumulative = torch.softmax((nearest - scores) / (temperature * nearest_distance), 1).cumsum(1)

@@ -45,7 +45,7 @@ FIRST_STAGE = "vqvae"        # first-stage run; its second stages are <FIRST_STA
 SPLIT = "test"               # the split whose reconstruction SSIM and codebook usage are reported
 VOLUMES = 4                  # volumes drawn per sampler (the real sets have 8 brains each; 8 on a GPU)
 DDPM_STEPS = 100             # ancestral DDPM steps, respaced from the 1000 trained ones (config/predict_gpu.py:
-                             # all 1000, as the original); 4 volumes x 1000 steps take ~4 min on 2 cores
+                             # all 1000, as the original); 4 volumes x 1000 steps would take ~8 min on 2 cores
 BLUR_SIGMA = 1.0             # control: validate blurred by a Gaussian of 1 px at 64x64 (scaled with the size)
 NOISE_STD = 0.1              # control: validate plus Gaussian noise of this std (images span [-1, 1])
 SPECKLE_STD = 0.075          # control: validate blurred (BLUR_SIGMA) plus noise of this std: about real's sharpness
