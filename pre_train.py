@@ -12,6 +12,7 @@ Each epoch writes log/<run>.log, grids in visualize/ and model_ckpt/<run>_last.p
 _best.pt, by validation SSIM); re-running resumes from _last.pt. At the end the best epoch is
 scored once on the test split and log/<run>_summary.json is written.
 """
+import functools
 import json
 import os
 import time
@@ -74,6 +75,8 @@ KL_CYCLE_STEPS = 500         # VAE: the KL weight ramps from half to full over e
 USE_BF16 = None              # bf16 autocast on the CPU: None = where it has bf16 instructions (AVX-512-BF16 or AMX:
                              # 1.4x the steps/s here), True / False to force;
                              # on an AVX2 CPU bf16 made a step 16x slower. CUDA uses it wherever the GPU has it
+CUDA_GRAPHS = True           # on a GPU, one process: replay each training step as one CUDA graph (util.CudaGraphStep),
+                             # as eager steps leave the GPU waiting on Python issuing their kernels
 SEED = 0
 CKPT_DIR = "model_ckpt"
 LOG_DIR = "log"
@@ -108,26 +111,27 @@ def random_latents(model, code_histogram, n, device):
     return torch.randn((n,) + model.latent_shape(IMG_SIZE), device=device)
 
 
-def generator_loss(model, core_model, core_discriminator, images, zs, step, code_histogram):
-    """The autoencoder's loss at `step` and its logged terms: L1 reconstruction plus the VQ
-    commitment loss (VQVAE) or kl_weight(step) x KL (VAE); from GAN_START_STEP on, plus
-    GAN_WEIGHT x the adaptive weight x the hinge generator terms on the reconstructions and on
-    decodings of random latents, in one call of the unwrapped discriminator (so its gradients
-    here are never all-reduced). `model` is `core_model` or its DDP wrapper. Returns (total,
-    {name: term}, reconstructions, random-latent decodings or None, code indices or None)."""
+def generator_loss(model, core_model, core_discriminator, images, zs, kl_weight_now, gan_on, code_histogram):
+    """The autoencoder's loss and its logged terms: L1 reconstruction plus the VQ commitment loss
+    (VQVAE) or kl_weight_now (kl_weight(step), a number or a 0-d tensor) x KL (VAE); with
+    `gan_on` (from GAN_START_STEP on), plus GAN_WEIGHT x the adaptive weight x the hinge generator
+    terms on the reconstructions and on decodings of random latents, in one call of the unwrapped
+    discriminator (so its gradients here are never all-reduced). `model` is `core_model` or its
+    DDP wrapper. Returns (total, {name: term}, reconstructions, random-latent decodings or None,
+    code indices or None)."""
     reconstruction, regulariser, indices = model(images, zs)
     rec_loss = F.l1_loss(reconstruction.float(), images)
     if isinstance(core_model, VQVAE):
         losses = {"rec_loss": rec_loss, "vq_loss": regulariser}
         total = rec_loss + regulariser
     else:
-        losses = {"rec_loss": rec_loss, "kl_loss": regulariser, "kl_weight": kl_weight(step)}
-        total = rec_loss + kl_weight(step) * regulariser
+        losses = {"rec_loss": rec_loss, "kl_loss": regulariser, "kl_weight": kl_weight_now}
+        total = rec_loss + kl_weight_now * regulariser
     if DETAIL_WEIGHT:
         losses["detail_loss"] = detail_energy_loss(reconstruction.float(), images)
         total = total + DETAIL_WEIGHT * losses["detail_loss"]
     generated = None
-    if step >= GAN_START_STEP:
+    if gan_on:
         random_zs = zs[:RANDOM_LATENTS]
         generated = core_model.decode(random_latents(core_model, code_histogram, len(random_zs), images.device),
                                       random_zs)
@@ -178,6 +182,7 @@ if __name__ == "__main__":
 
     train_loader = dataset.get_dataloader(TRAIN_SPLIT, BATCH_SIZE, DATA_DIR, IMG_SIZE, seed=SEED)
     validate_loader = dataset.get_dataloader("validate", 32, DATA_DIR, IMG_SIZE)
+    graphs = CUDA_GRAPHS and device.type == "cuda" and world_size == 1
     fused = device.type == "cuda"         # one kernel for the whole update instead of one per tensor
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS, fused=fused)
     disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS, fused=fused)
@@ -195,13 +200,16 @@ if __name__ == "__main__":
         code_histogram = None if code_histogram is None else code_histogram.to(device)
         start_epoch, step, best_val_ssim = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_ssim"]
         train_seconds, train_images = checkpoint["train_seconds"], checkpoint["train_images"]
+    for any_optimizer in (optimizer, disc_optimizer):
+        util.set_capturable(any_optimizer, graphs)
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
         if is_main else None
     if is_main:
         print(f"{MODE} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, discriminator "
               f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M, latent grid {latent_grid}, "
               f"{len(train_loader.dataset)} training slices, device {device}"
-              f"{' (bf16 autocast)' if amp_dtype else ''}, {world_size} process(es)")
+              f"{' (bf16 autocast)' if amp_dtype else ''}, {world_size} process(es)"
+              f"{', steps replayed as CUDA graphs' if graphs else ''}")
 
     step_values = util.StepValues(log, device, last_path, "Try a lower LR or USE_BF16=False.")
     core_model = model   # methods and the adaptive weight's last layer live on the unwrapped module
@@ -210,6 +218,28 @@ if __name__ == "__main__":
         discriminator = DistributedDataParallel(discriminator)
     core_discriminator = discriminator.module if world_size > 1 else discriminator
 
+    def training_step(images, zs, kl_weight_now, gan_on):
+        """One update of the autoencoder, then of the discriminator once the GAN is on:
+        ({name: logged term}, code indices or None)."""
+        with autocast(), util.frozen(core_discriminator):
+            total, losses, reconstruction, generated, indices = generator_loss(
+                model, core_model, core_discriminator, images, zs, kl_weight_now, gan_on, code_histogram)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if gan_on:
+            with autocast():
+                fakes = torch.cat([reconstruction.detach(), generated.detach()])
+                logits = discriminator(torch.cat([images, fakes]), torch.cat([zs, zs, zs[:RANDOM_LATENTS]]))
+                d_loss = hinge_discriminator_loss(*logits.float().split(len(images)))
+            disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_optimizer.step()
+            losses["d_loss"] = d_loss
+        # detached: a logged term kept past this step would keep its autograd graph alive into the next
+        return {name: value.detach() if torch.is_tensor(value) else value for name, value in losses.items()}, indices
+
+    run_step, run_step_gan_on = None, None
     epoch_stats = {}   # last epoch's validation SSIM and codebook usage, shown on the progress bar
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
@@ -219,25 +249,13 @@ if __name__ == "__main__":
         for images, _, _, zs in progress:
             images, zs = images.to(device, non_blocking=True), zs.to(device, non_blocking=True)
             gan_on = step >= GAN_START_STEP
-            for group in optimizer.param_groups + disc_optimizer.param_groups:
-                group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
-            with autocast():
-                total, losses, reconstruction, generated, indices = generator_loss(
-                    model, core_model, core_discriminator, images, zs, step, code_histogram)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-
-            if gan_on:
-                with autocast():
-                    fakes = torch.cat([reconstruction.detach(), generated.detach()])
-                    logits = discriminator(torch.cat([images, fakes]), torch.cat([zs, zs, zs[:RANDOM_LATENTS]]))
-                    d_loss = hinge_discriminator_loss(*logits.float().split(len(images)))
-                disc_optimizer.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_optimizer.step()
-                losses["d_loss"] = d_loss
-
+            if run_step is None or run_step_gan_on != gan_on:   # the GAN phase is another graph
+                phase_step = functools.partial(training_step, gan_on=gan_on)
+                run_step, run_step_gan_on = util.CudaGraphStep(phase_step) if graphs else phase_step, gan_on
+            learning_rate = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
+            for any_optimizer in (optimizer, disc_optimizer):
+                util.set_learning_rate(any_optimizer, learning_rate)
+            losses, indices = run_step(images, zs, torch.full((), kl_weight(step), device=device))
             values = step_values.add(step, losses)
             if indices is not None:
                 epoch_counts += code_counts_per_position(indices, NUM_CODES)
@@ -252,7 +270,7 @@ if __name__ == "__main__":
         if MODE == "VQVAE":
             if world_size > 1:
                 torch.distributed.all_reduce(epoch_counts)
-            code_histogram = epoch_counts
+            code_histogram.copy_(epoch_counts)     # in place: a captured graph reads it where it is
         if is_main:
             val_ssim, _ = evaluate_reconstructions(core_model, validate_loader, device, autocast)
             epoch_stats = {"val_ssim": val_ssim}

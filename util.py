@@ -1,6 +1,7 @@
 """Shared helpers: SSIM, sinusoidal embeddings, seeding, device choice, checkpoints and the
 `--NAME=value` / config-file override every script uses."""
 import ast
+import contextlib
 import math
 import os
 import random
@@ -232,24 +233,102 @@ class StepValues:
         self.pending, self.latest = [], {}
 
     def add(self, step, values):
-        """Queue one step's {name: tensor or number}; returns the latest fetched values."""
-        self.pending.append((step, {name: value.detach() if torch.is_tensor(value) else value
-                                    for name, value in values.items()}))
+        """Queue one step's {name: tensor or number}; returns the latest fetched values. The step's
+        tensors are stacked at once: a CUDA graph's outputs (CudaGraphStep) are overwritten by its
+        next replay."""
+        names = [name for name, value in values.items() if torch.is_tensor(value)]
+        stacked = torch.stack([values[name].detach().float().reshape(()) for name in names]) if names else None
+        self.pending.append((step, {name: None if name in names else value for name, value in values.items()},
+                             names, stacked))
         if len(self.pending) >= self.every:
             self.flush()
         return self.latest
 
     def flush(self):
-        tensors = [value.detach().float().reshape(()) for _, values in self.pending
-                   for value in values.values() if torch.is_tensor(value)]
-        fetched = iter(torch.stack(tensors).tolist() if tensors else [])
-        for step, values in self.pending:
-            values = {name: next(fetched) if torch.is_tensor(value) else value for name, value in values.items()}
+        stacked = [entry[3] for entry in self.pending if entry[3] is not None]
+        fetched = iter(torch.cat(stacked).tolist() if stacked else [])
+        for step, values, names, _ in self.pending:
+            values.update((name, next(fetched)) for name in names)
             check_finite(values, step, self.last_path, self.advice)
             if self.log is not None:
                 self.log.write(step, values)
             self.latest = values
         self.pending = []
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """`module`'s parameters get no gradients from what runs inside: the discriminator in the
+    generator's step, whose weight gradients there would only be thrown away (the generator's
+    backward still passes through it)."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
+
+
+def set_capturable(optimizer, capturable):
+    """Ready an Adam (after any load_state_dict, which brings back the saved groups' settings)
+    for updates that a CUDA graph replays, or for plain ones: capturable, with its learning rate
+    in a GPU tensor that set_learning_rate fills in place (a float would be baked into the graph),
+    or a float. Reads the learning rate back once."""
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        group["capturable"] = capturable
+        group["lr"] = torch.tensor(lr, device=group["params"][0].device) if capturable else lr
+
+
+def set_learning_rate(optimizer, lr):
+    """Every parameter group's learning rate: in place where it is a tensor (set_capturable)."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class CudaGraphStep:
+    """A training step that a CUDA graph replays: forward, backward and optimizer updates launched
+    as one graph instead of thousands of kernels issued one by one from Python, which kept the GPU
+    waiting on the host (PyTorch's whole-network capture). `step(*tensors)` runs eagerly for the
+    first `warmup` calls, on a side stream as capture asks (optimizer states, cuDNN's algorithm
+    choices and the codebook's data init settle there); the next call captures it, and each later
+    call copies its tensors into the graph's own and replays. `step` must keep to: the same shapes
+    every call; nothing read back to the host; optimizers readied by set_capturable; whatever
+    changes between calls passed in as a tensor or held in a tensor updated in place. Its outputs
+    belong to the graph and the next call overwrites them: queue what reads them before that. Off
+    CUDA it simply calls `step`."""
+
+    def __init__(self, step, warmup=3):
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.side_stream = self.graph = self.inputs = self.outputs = None
+
+    def __call__(self, *tensors):
+        self.calls += 1
+        if not tensors[0].is_cuda:
+            return self.step(*tensors)
+        if self.calls <= self.warmup:     # one side stream for all: autograd keeps each parameter's stream
+            self.side_stream = self.side_stream or torch.cuda.Stream()
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                outputs = self.step(*tensors)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return outputs
+        if self.graph is None:
+            self.inputs = [tensor.clone() for tensor in tensors]
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the loader's pinning thread may touch CUDA meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(*self.inputs)
+        else:
+            for static, tensor in zip(self.inputs, tensors):
+                if static.shape != tensor.shape:
+                    raise ValueError(f"a CUDA graph replays one shape: captured {tuple(static.shape)}, "
+                                     f"given {tuple(tensor.shape)}")
+                static.copy_(tensor, non_blocking=True)
+        self.graph.replay()      # capturing ran nothing: this call's step runs here too
+        return self.outputs
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -358,7 +437,7 @@ def config_names(namespace):
 
 
 _TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
-               tuple: "a tuple", list: "a list"}
+               tuple: "a tuple", list: "a list", type(None): "None"}
 
 
 def _example(name, default, source):

@@ -50,7 +50,7 @@ MUTATIONS = [
     ("decoder_ignores_latent", "model_VAE.py",
      "self.body(self.conv_in(latents), cond)", "self.body(self.conv_in(latents * 0), cond)", FIRST_STAGE_LEARNING),
     ("vae_loss_without_kl", "pre_train.py",
-     "total = rec_loss + kl_weight(step) * regulariser", "total = rec_loss", GENERATOR_LOSS),
+     "total = rec_loss + kl_weight_now * regulariser", "total = rec_loss", GENERATOR_LOSS),
     ("logger_one_panel", "logger.py",
      "panels = {title: names for title, names in panels.items() if names}",
      "panels = {title: names for title, names in list(panels.items())[:1] if names}", ["tests/test_logger.py"]),

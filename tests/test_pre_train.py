@@ -107,6 +107,22 @@ def test_resumed_run_equals_uninterrupted_run(demo_dir, tmp_path, monkeypatch):
     assert np.allclose(log_straight["rec_loss"][1], log_resumed["rec_loss"][1], rtol=0.02)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_steps_train_as_eager_steps_do(demo_dir, tmp_path, monkeypatch):
+    """On a GPU pre_train.py replays its steps as CUDA graphs, one per phase (here the GAN's from
+    step 4): the same training as eager steps, within the spread of two eager runs (CUDA's atomics)."""
+    for run, graphs in (("graphed", True), ("eager", False), ("eager_again", False)):
+        run_pre_train(monkeypatch, arguments(demo_dir, tmp_path / run, "--EPOCHS=2", f"--CUDA_GRAPHS={graphs}"))
+    graphed, eager, again = (load_last(tmp_path / run) for run in ("graphed", "eager", "eager_again"))
+    for name in ("model", "discriminator"):
+        for key, tensor in eager[name].items():
+            noise = (tensor.float() - again[name][key].float()).abs().max().item()
+            assert (tensor.float() - graphed[name][key].float()).abs().max().item() <= 4 * noise + 1e-4, key
+    logs = [read_log(str(tmp_path / run / "log" / "vqvae.log")) for run in ("graphed", "eager")]
+    for term in ("rec_loss", "g_loss", "d_loss"):
+        assert np.allclose(logs[0][term][1], logs[1][term][1], rtol=0.02), term
+
+
 def test_checkpoint_from_another_config_is_refused(demo_dir, tmp_path, monkeypatch):
     run_pre_train(monkeypatch, arguments(demo_dir, tmp_path, "--EPOCHS=1"))
     with pytest.raises(util.UserError, match="(?s)another config.*BASE_CHANNELS: checkpoint 16, script 8"):
@@ -222,7 +238,8 @@ def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
     images, zs = torch.stack([slices[i][0] for i in chosen]), torch.from_numpy(slices.zs[chosen])
     histogram, step = torch.ones(*model.latent_shape(32)[1:], 32), pre_train.GAN_START_STEP + 100
     torch.manual_seed(1)
-    total, losses, _, _, _ = pre_train.generator_loss(model, model, discriminator, images, zs, step, histogram)
+    total, losses, _, _, _ = pre_train.generator_loss(model, model, discriminator, images, zs,
+                                                      pre_train.kl_weight(step), True, histogram)
 
     torch.manual_seed(1)            # the VAE's posterior sample, then the random latents, as above
     reconstruction, regulariser, _ = model(images, zs)
