@@ -213,7 +213,6 @@ class VectorQuantizer(nn.Module):
         self.ema_cluster_size.fill_(1.0)
         self.initialised.fill_(True)
 
-    @torch.compiler.disable   # runs eagerly under torch.compile: CUDA graphs must not update buffers in place
     @torch.no_grad()
     def _ema_update(self, vectors, indices):
         """One EMA step of the code statistics and dead-code restarts, with nothing read back to

@@ -17,6 +17,7 @@ autocast with fused Adam (as pre_train.py does there), the clock stops only afte
 kernels finish, and the GPU's utilisation (NVML, sampled every step) is printed too. monai is a
 bench-only dependency (requirements-dev.txt).
 """
+import functools
 import itertools
 import os
 import sys
@@ -44,6 +45,9 @@ MONAI_CHANNELS = (56, 112)   # MONAI VQVAE's channels per stride-2 level: (56, 1
 MONAI_RES_LAYERS = 1
 MONAI_DISC_CHANNELS = 32
 MONAI_DISC_LAYERS = 2
+MONAI_OUTPUT_ACT = "TANH"    # MONAI VQVAE's output activation: "TANH" (into the images' [-1, 1]) or None (linear,
+                             # MONAI's default): at 256x256 tanh saturated at -1, the black background, within
+                             # 15 steps and never left it (config/first_stage_speed_gpu.py)
 BUDGET_SECONDS = 150.0       # training time of each contestant's final run
 PROFILE_STEPS = 0            # > 0: then profile this many more training steps of each contestant and print
                              # its costliest operators (self time on the GPU, or on the CPU without one)
@@ -61,17 +65,18 @@ SEED = 0
 class MonaiPair:
     """MONAI's VQVAE (EMA codebook) with one stride-2 level per entry of `channels` and its
     PatchDiscriminator: MONAI_CHANNELS match our preset's parameter count, (32, 64) is MONAI
-    lean at 64x64. With `z_channel`, encoder and discriminator get z / 31 as a second input channel."""
+    lean at 64x64. With `z_channel`, encoder and discriminator get z / 31 as a second input channel;
+    `cuda_graph`: its training steps replayed as CUDA graphs, as ours can be."""
 
-    def __init__(self, channels, z_channel):
+    def __init__(self, channels, z_channel, cuda_graph=False):
         from monai.networks.nets import VQVAE, PatchDiscriminator as MonaiDiscriminator
-        self.z_channel = z_channel
+        self.z_channel, self.cuda_graph = z_channel, cuda_graph
         inputs = 2 if z_channel else 1
         self.model = VQVAE(spatial_dims=2, in_channels=inputs, out_channels=1, channels=channels,
                            num_res_channels=channels, num_res_layers=MONAI_RES_LAYERS,
                            downsample_parameters=((2, 4, 1, 1),) * len(channels),
                            upsample_parameters=((2, 4, 1, 1, 0),) * len(channels),
-                           num_embeddings=256, embedding_dim=8, output_act="TANH")
+                           num_embeddings=256, embedding_dim=8, output_act=MONAI_OUTPUT_ACT)
         self.discriminator = MonaiDiscriminator(spatial_dims=2, channels=MONAI_DISC_CHANNELS, in_channels=inputs,
                                                 num_layers_d=MONAI_DISC_LAYERS)
 
@@ -90,22 +95,20 @@ class MonaiPair:
 
 class OurPair:
     """Our preset (pre_train.py's constants after FIRST_STAGE_PRESET, but 256 codes like MONAI's):
-    VQVAE and PatchGAN, z-conditioned or not. Three probes of where our GPU step loses time (its
-    GroupNorm, SiLU and z-scaling passes over 128x128 activations, and cuDNN's NCHW <-> NHWC
-    conversions): `fp32_norms` makes the norms plain nn.GroupNorm, which CUDA autocast runs in fp32
-    (ours stay bf16); `channels_last` stores weights and activations NHWC; `compiled` runs both
-    networks' training steps through torch.compile with static shapes (kernel fusion, and
-    inductor's own norms, which read NHWC without converting; its compile time is in the warm-up),
-    `cuda_graphs` also replays each compiled graph as a CUDA graph (one launch instead of
-    thousands): through inductor's CUDA graph trees (mode "reduce-overhead", one memory pool, each
-    training phase a generation) or, with `graph_trees=False`, one private pool per graph, whose
-    outputs live until that graph runs again. Evaluation runs eagerly: compiling eval mode too
-    would double the compile time for a few batches."""
+    VQVAE and PatchGAN, z-conditioned or not; `changes` to the preset, e.g. 4x4 patches. Probes of
+    where our GPU step loses time (its GroupNorm, SiLU and z-scaling passes over 128x128
+    activations, and cuDNN's NCHW <-> NHWC conversions): `fp32_norms` makes the norms plain
+    nn.GroupNorm, which CUDA autocast runs in fp32 (ours stay bf16); `channels_last` stores weights
+    and activations NHWC; `compiled` runs both networks' training steps through torch.compile with
+    static shapes (kernel fusion, and inductor's own norms, which read NHWC without converting; its
+    compile time is in the warm-up); `cuda_graph` replays the whole training step as one CUDA graph
+    (util.CudaGraphStep, as pre_train.py on a GPU). Evaluation runs eagerly: compiling eval mode
+    too would double the compile time for a few batches."""
 
-    def __init__(self, z_conditioning, fp32_norms=False, channels_last=False, compiled=False, cuda_graphs=False,
-                 graph_trees=True):
+    def __init__(self, z_conditioning, fp32_norms=False, channels_last=False, compiled=False, cuda_graph=False,
+                 **changes):
         config = {name: getattr(pre_train, name) for name in util.config_names(vars(pre_train))}
-        config.update(NUM_CODES=256, Z_CONDITIONING=z_conditioning)     # MONAI's codebook size
+        config.update(NUM_CODES=256, Z_CONDITIONING=z_conditioning, **changes)     # MONAI's codebook size
         self.model = model_VAE.build_model(config)
         self.discriminator = model_discriminator.build_discriminator(config)
         if fp32_norms:
@@ -116,12 +119,9 @@ class OurPair:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.discriminator.to(memory_format=torch.channels_last)
-        self.cuda_graphs = cuda_graphs
-        self.graph_trees = cuda_graphs and graph_trees
-        options = {"triton.cudagraphs": cuda_graphs, "triton.cudagraph_trees": graph_trees}
-        self.train_model, self.train_discriminator = (
-            torch.compile(module, dynamic=False, options=options) if compiled or cuda_graphs else module
-            for module in (self.model, self.discriminator))
+        self.cuda_graph = cuda_graph
+        self.train_model, self.train_discriminator = (torch.compile(module, dynamic=False) if compiled else module
+                                                      for module in (self.model, self.discriminator))
 
     def reconstruct(self, images, zs):
         run_model = self.train_model if self.model.training else self.model
@@ -139,10 +139,11 @@ CONTESTANTS = {
     "ours, z, channels-last": lambda: OurPair(True, channels_last=True),
     "ours, z, compiled": lambda: OurPair(True, compiled=True),
     "ours, z, compiled, channels-last": lambda: OurPair(True, channels_last=True, compiled=True),
-    "ours, z, CUDA graphs, channels-last": lambda: OurPair(True, channels_last=True, cuda_graphs=True),
-    "ours, z, CUDA graphs without trees, channels-last": lambda: OurPair(True, channels_last=True, cuda_graphs=True,
-                                                                         graph_trees=False),
+    "ours, z, CUDA graph": lambda: OurPair(True, cuda_graph=True),
+    "ours, z, 4x4 patches": lambda: OurPair(True, PATCH_SIZE=4, CHANNEL_MULTS=(2, 2, 4)),
+    "ours, z, 4x4 patches, CUDA graph": lambda: OurPair(True, cuda_graph=True, PATCH_SIZE=4, CHANNEL_MULTS=(2, 2, 4)),
     "MONAI, z channel": lambda: MonaiPair(MONAI_CHANNELS, True),
+    "MONAI, z channel, CUDA graph": lambda: MonaiPair(MONAI_CHANNELS, True, cuda_graph=True),
     "MONAI, no z": lambda: MonaiPair(MONAI_CHANNELS, False),
     "MONAI lean, z channel": lambda: MonaiPair((32, 64), True),
 }
@@ -155,19 +156,13 @@ def autocast(device):
 
 
 def training_step(pair, optimizers, images, zs):
-    graph_trees = getattr(pair, "graph_trees", False)
-    if graph_trees:
-        torch.compiler.cudagraph_mark_step_begin()    # last step's graph outputs may be overwritten now
-    with autocast(images.device):
+    with autocast(images.device), util.frozen(pair.discriminator):
         reconstruction, vq_loss = pair.reconstruct(images, zs)
         loss = (F.l1_loss(reconstruction.float(), images) + vq_loss
                 - GAN_WEIGHT * pair.judge(reconstruction, zs).float().mean())
     optimizers[0].zero_grad(set_to_none=True)
     loss.backward()
     optimizers[0].step()
-    if graph_trees:   # the discriminator's step is the next generation: keep what it reads out of the pool
-        reconstruction = reconstruction.detach().clone()
-        torch.compiler.cudagraph_mark_step_begin()
     with autocast(images.device):
         logits = pair.judge(torch.cat([images, reconstruction.detach()]), torch.cat([zs, zs]))
         d_loss = hinge_discriminator_loss(*logits.float().chunk(2))
@@ -201,26 +196,39 @@ def make_optimizers(pair, lr, device):
             for module in (pair.model, pair.discriminator)]
 
 
+def make_training_step(pair, optimizers, device):
+    """training_step on this pair, as a function of (images, zs): replayed as a CUDA graph for a
+    `cuda_graph` contestant on a GPU (its first steps eager, then one capture: both inside the
+    timed budget)."""
+    step = functools.partial(training_step, pair, optimizers)
+    if not (pair.cuda_graph and device.type == "cuda"):
+        return step
+    for optimizer in optimizers:
+        util.set_capturable(optimizer, True)
+    return util.CudaGraphStep(step)
+
+
 def timed_training(name, lr, train_loader, budget, device):
-    """Warm up on a throwaway pair, then train a fresh seeded one for `budget` seconds:
-    (pair, optimizers, training images/s, mean GPU utilisation in % or None on the CPU)."""
+    """Warm up on a throwaway pair, then train a fresh seeded one for `budget` seconds: (pair,
+    optimizers, its training step, training images/s, mean GPU utilisation in % or None on the CPU)."""
     warmup_start = time.time()
     throwaway = make_pair(name, device)
-    optimizers = make_optimizers(throwaway, lr, device)
+    run_step = make_training_step(throwaway, make_optimizers(throwaway, lr, device), device)
     for images, _, _, zs in itertools.islice(train_loader, WARMUP_STEPS):
-        training_step(throwaway, optimizers, images.to(device), zs.to(device))
-    del throwaway, optimizers
+        run_step(images.to(device), zs.to(device))
+    del throwaway, run_step
     util.synchronize(device)
     print(f"{name}: {WARMUP_STEPS} warm-up steps took {time.time() - warmup_start:.1f} s", flush=True)
     util.seed_everything(SEED)
     pair = make_pair(name, device)
     optimizers = make_optimizers(pair, lr, device)
+    run_step = make_training_step(pair, optimizers, device)
     images_seen, start, epoch, utilisation = 0, time.time(), 0, []
     while time.time() - start < budget:
         train_loader.sampler.set_epoch(epoch)
         for images, _, _, zs in train_loader:
             images, zs = images.to(device, non_blocking=True), zs.to(device, non_blocking=True)
-            training_step(pair, optimizers, images, zs)
+            run_step(images, zs)
             images_seen += len(images)
             if device.type == "cuda":
                 utilisation.append(torch.cuda.utilization(device))
@@ -229,16 +237,17 @@ def timed_training(name, lr, train_loader, budget, device):
         epoch += 1
     util.synchronize(device)    # the queued kernels belong to the budget too
     seconds = time.time() - start
-    return pair, optimizers, images_seen / seconds, sum(utilisation) / len(utilisation) if utilisation else None
+    return (pair, optimizers, run_step, images_seen / seconds,
+            sum(utilisation) / len(utilisation) if utilisation else None)
 
 
-def print_profile(name, pair, optimizers, train_loader, device):
+def print_profile(name, run_step, train_loader, device):
     """PROFILE_STEPS training steps under torch.profiler: the 12 operators with the most self time."""
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as profiler:
         for images, _, _, zs in itertools.islice(train_loader, PROFILE_STEPS):
-            training_step(pair, optimizers, images.to(device), zs.to(device))
+            run_step(images.to(device), zs.to(device))
         util.synchronize(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"{name}: {PROFILE_STEPS} profiled steps\n"
@@ -265,7 +274,7 @@ def step_flops(pair, optimizers, images, zs):
 
 
 if __name__ == "__main__":
-    util.apply_overrides(globals())
+    util.apply_overrides(globals(), other_types={"MONAI_OUTPUT_ACT": type(None)})
     if FIRST_STAGE_PRESET:
         util.apply_overrides(vars(pre_train), [FIRST_STAGE_PRESET])
     unknown = [name for name in CONTESTANT_NAMES if name not in CONTESTANTS]
@@ -288,8 +297,8 @@ if __name__ == "__main__":
                   + ", ".join(f"{lr:g} {ssim:.4f}" for lr, ssim in tuning.items()), flush=True)
         lr = max(tuning, key=tuning.get) if tuning else LEARNING_RATES[0]
         try:
-            pair, optimizers, images_per_second, utilisation = timed_training(name, lr, train_loader, BUDGET_SECONDS,
-                                                                              device)
+            pair, optimizers, run_step, images_per_second, utilisation = timed_training(
+                name, lr, train_loader, BUDGET_SECONDS, device)
         except RuntimeError as error:     # a probe that fails says why, and the others still run
             print(f"{name}: failed: {error}", flush=True)
             continue
@@ -300,7 +309,7 @@ if __name__ == "__main__":
               + (f", GPU busy {utilisation:.0f}%" if utilisation is not None else "")
               + f", test SSIM {results[name][4]:.4f}", flush=True)
         if PROFILE_STEPS:
-            print_profile(name, pair, optimizers, train_loader, device)
+            print_profile(name, run_step, train_loader, device)
 
     where = torch.cuda.get_device_name(device) + ", bf16 autocast, fused Adam" if device.type == "cuda" \
         else f"CPU, {THREADS} threads"
