@@ -14,8 +14,10 @@ trains a fresh, seeded model for its budget. Prints training images/s and test S
 BUDGET_SECONDS, and the share of the CPU's measured peak matmul FLOP/s that our training step
 reaches (FLOPs counted by torch.utils.flop_counter). On a GPU every contestant trains under bf16
 autocast with fused Adam (as pre_train.py does there), the clock stops only after the queued
-kernels finish, and the GPU's utilisation (NVML, sampled every step) is printed too. monai is a
-bench-only dependency (requirements-dev.txt).
+kernels finish, and the GPU's utilisation (NVML, sampled every step) is printed too; a "CUDA
+graph" contestant replays its whole training step as one graph there (util.CudaGraphStep, as
+pre_train.py does; its eager warm-up steps and capture count inside its budget; on a CPU it runs
+eagerly). monai is a bench-only dependency (requirements-dev.txt).
 """
 import functools
 import itertools
