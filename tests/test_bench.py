@@ -1,0 +1,48 @@
+"""bench/pipeline.py on a stand-in Makefile: stages timed in the Makefile's order, each beside the
+test figures of the summaries it wrote, realism tables printed, a failing stage named."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MAKEFILE = """\
+demo:
+\t{python} -c "import json, time; time.sleep(0.3); json.dump({{'test_ssim': 0.9123, 'epochs': 3}}, open('{log}/first_summary.json', 'w'))"
+\t{python} -c "import json; json.dump({{'sources': {{'DDIM-50': {{'frechet_distance': 0.25, 'sharpness': 1.08}}}}}}, open('{log}/first_realism.json', 'w'))"
+
+broken:
+\t{python} -c "print('fine')"
+\t{python} -c "raise SystemExit(3)"
+\t{python} -c "print('never reached')"
+"""
+
+
+def run_pipeline(tmp_path, target):
+    log = tmp_path / "log"
+    log.mkdir(exist_ok=True)
+    (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, log=log))
+    return subprocess.run([sys.executable, "bench/pipeline.py", f"--TARGET={target}", f"--LOG_DIR={log}",
+                           f"--MAKE_ARGUMENTS=('-f', '{tmp_path / 'Makefile'}')"],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_pipeline_times_each_stage_beside_its_figures(tmp_path):
+    result = run_pipeline(tmp_path, "demo")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout[result.stdout.index("stage by stage"):].splitlines()
+    first, second, total = table[2], table[3], table[4]
+    assert "time.sleep(0.3)" in first and "first: ssim 0.9123" in first and "epochs" not in first
+    assert "json.dump({'sources'" in second and "ssim" not in second     # no summary written there
+    assert float(first.split()[-4]) >= 0.3                         # its seconds, before "first: ssim 0.9123"
+    assert "first_realism.json" in result.stdout
+    assert total.startswith("all")
+    realism_row = next(line for line in table if line.startswith("DDIM-50"))
+    assert realism_row.split()[1:] == ["0.250", "nan", "1.080", "nan", "nan"]
+
+
+def test_pipeline_stops_at_the_failing_stage_and_names_it(tmp_path):
+    result = run_pipeline(tmp_path, "broken")
+    assert result.returncode != 0
+    assert "stage failed" in result.stderr and "raise SystemExit(3)" in result.stderr
+    assert "fine" in result.stdout and "never reached" not in result.stdout
