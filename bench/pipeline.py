@@ -1,7 +1,7 @@
 """The whole pipeline, stage by stage: the commands of a Makefile target, as `make -n` lists them
 (so the stages are the Makefile's own), run one by one and timed; then a table of the stage
 times beside the test figures of the summaries each stage wrote (log/*_summary.json), and the
-headline columns of the realism tables it wrote (log/*_realism.json).
+realism tables it wrote (log/*_realism.json), as predict.py prints them.
 
     .venv/bin/python bench/pipeline.py                  # `make`: the CPU presets, demo brains (~18 min on 2 cores)
     .venv/bin/python bench/pipeline.py --TARGET=gpu     # `make gpu`: the GPU presets at 256x256
@@ -20,12 +20,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import realism  # noqa: E402
 import util  # noqa: E402
 
 TARGET = "demo"              # the Makefile target: "demo" (what `make` runs) or "gpu"
 MAKE_ARGUMENTS = ()          # more arguments for make, e.g. ("DATA_DIR=/data/oasis",)
 LOG_DIR = "log"              # where the scripts write their summaries and realism tables (their default)
-REALISM_COLUMNS = ("frechet_distance", "tissue_wasserstein", "sharpness", "z_faithfulness", "memorisation")
 
 
 def stage_commands():
@@ -57,14 +57,6 @@ def summary_figures(path):
     return f"{os.path.basename(path).removesuffix('_summary.json')}: {figures}"
 
 
-def print_realism(path):
-    with open(path) as f:
-        sources = json.load(f)["sources"]
-    print(f"\n{os.path.relpath(path, ROOT)}\n{'source':44s}" + "".join(f"{name[:18]:>19s}" for name in REALISM_COLUMNS))
-    for source, metrics in sources.items():
-        print(f"{source[:44]:44s}" + "".join(f"{metrics.get(name, float('nan')):19.3f}" for name in REALISM_COLUMNS))
-
-
 if __name__ == "__main__":
     util.apply_overrides(globals())
     commands = stage_commands()
@@ -84,4 +76,5 @@ if __name__ == "__main__":
         print(f"{stage_name(command)[:64]:64s} {seconds:8.1f}  " + "; ".join(figures))
     print(f"{'all':64s} {total:8.1f}  ({int(total // 60)} min {total % 60:.0f} s)")
     for path in dict.fromkeys(realism_paths):
-        print_realism(path)
+        with open(path) as f:
+            print(f"\n{os.path.relpath(path, ROOT)}\n{realism.format_table(json.load(f))}")

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKEFILE = """\
 demo:
 \t{python} -c "import json, time; time.sleep(0.3); json.dump({{'test_ssim': 0.9123, 'epochs': 3}}, open('{log}/first_summary.json', 'w'))"
-\t{python} -c "import json; json.dump({{'sources': {{'DDIM-50': {{'frechet_distance': 0.25, 'sharpness': 1.08}}}}}}, open('{log}/first_realism.json', 'w'))"
+\t{python} -c "import json; json.dump({{'real_test': {{'frechet_distance': 0.0, 'sharpness': 1.0, 'memorisation_by_chance': 0.11}}, 'sources': {{'DDIM-50': {{'figures': {{'frechet_distance': 0.25, 'sharpness': 1.08}}, 'spread': {{'frechet_distance': 0.03}}}}}}}}, open('{log}/first_realism.json', 'w'))"
 
 broken:
 \t{python} -c "print('fine')"
@@ -33,12 +33,12 @@ def test_pipeline_times_each_stage_beside_its_figures(tmp_path):
     table = result.stdout[result.stdout.index("stage by stage"):].splitlines()
     first, second, total = table[2], table[3], table[4]
     assert "time.sleep(0.3)" in first and "first: ssim 0.9123" in first and "epochs" not in first
-    assert "json.dump({'sources'" in second and "ssim" not in second     # no summary written there
+    assert "json.dump({'real_test'" in second and "ssim" not in second     # no summary written there
     assert float(first.split()[-4]) >= 0.3                         # its seconds, before "first: ssim 0.9123"
     assert "first_realism.json" in result.stdout
     assert total.startswith("all")
-    realism_row = next(line for line in table if line.startswith("DDIM-50"))
-    assert realism_row.split()[1:] == ["0.250", "nan", "1.080", "nan", "nan"]
+    realism_row = next(line for line in table if line.startswith("DDIM-50"))      # as predict.py prints it
+    assert realism_row.split()[1:] == ["0.250", "+-0.030", "1.08"]
 
 
 def test_pipeline_stops_at_the_failing_stage_and_names_it(tmp_path):
