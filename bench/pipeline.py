@@ -30,7 +30,11 @@ LOG_DIR = "log"              # where the scripts write their summaries and reali
 
 def stage_commands():
     """The commands `make TARGET` would run, in order."""
-    listing = subprocess.run(["make", "-n", TARGET, *MAKE_ARGUMENTS], cwd=ROOT, capture_output=True, text=True)
+    # not a calling make's flags (under `make test`: its directory messages, which would read as commands)
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    listing = subprocess.run(["make", "-n", TARGET, *MAKE_ARGUMENTS], cwd=ROOT, env=environment, capture_output=True,
+                             text=True)
     if listing.returncode:
         raise util.UserError(f"TARGET {TARGET!r}: `make -n {TARGET}` failed: {listing.stderr.strip()}")
     return [line.strip() for line in listing.stdout.splitlines() if line.strip()]
@@ -71,7 +75,8 @@ if __name__ == "__main__":
         realism_paths += written_since("*_realism.json", start)
     total = time.time() - run_start
 
-    print(f"\n`make {' '.join((TARGET, *MAKE_ARGUMENTS))}`, stage by stage\n{'stage':64s} {'seconds':>8s}  test figures")
+    print(f"\n`make {' '.join((TARGET, *MAKE_ARGUMENTS))}`, stage by stage")
+    print(f"{'stage':64s} {'seconds':>8s}  test figures")
     for command, seconds, figures in timings:
         print(f"{stage_name(command)[:64]:64s} {seconds:8.1f}  " + "; ".join(figures))
     print(f"{'all':64s} {total:8.1f}  ({int(total // 60)} min {total % 60:.0f} s)")
