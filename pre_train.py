@@ -249,7 +249,7 @@ if __name__ == "__main__":
         for images, _, _, zs in progress:
             images, zs = images.to(device, non_blocking=True), zs.to(device, non_blocking=True)
             gan_on = step >= GAN_START_STEP
-            if run_step is None or run_step_gan_on != gan_on:   # the GAN phase is another graph
+            if run_step_gan_on != gan_on:   # the first step, or the GAN's: the GAN phase is another graph
                 phase_step = functools.partial(training_step, gan_on=gan_on)
                 run_step, run_step_gan_on = util.CudaGraphStep(phase_step) if graphs else phase_step, gan_on
             learning_rate = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)

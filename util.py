@@ -297,8 +297,8 @@ class CudaGraphStep:
     call copies its tensors into the graph's own and replays. `step` must keep to: the same shapes
     every call; nothing read back to the host; optimizers readied by set_capturable; whatever
     changes between calls passed in as a tensor or held in a tensor updated in place. Its outputs
-    belong to the graph and the next call overwrites them: queue what reads them before that. Off
-    CUDA it simply calls `step`."""
+    belong to the graph and the next call overwrites them: queue what reads them before that.
+    CUDA only: a CPU run calls its step directly."""
 
     def __init__(self, step, warmup=3):
         self.step, self.warmup, self.calls = step, warmup, 0
@@ -306,8 +306,6 @@ class CudaGraphStep:
 
     def __call__(self, *tensors):
         self.calls += 1
-        if not tensors[0].is_cuda:
-            return self.step(*tensors)
         if self.calls <= self.warmup:     # one side stream for all: autograd keeps each parameter's stream
             self.side_stream = self.side_stream or torch.cuda.Stream()
             self.side_stream.wait_stream(torch.cuda.current_stream())
