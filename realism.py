@@ -118,16 +118,19 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
         joined = torch.cat(parts)
         return joined.reshape(num_volumes, num_z, *joined.shape[1:]).numpy()
 
+    def pairwise_ssim(a, b):     # on the critic's device: on a GPU the nearest-slice searches take most of the time
+        return util.pairwise_ssim(a.to(device), b.to(device)).cpu()
+
     description = {"features": per_slice(features), "predicted_z": per_slice(predicted_z),
                    "tissue_area": per_slice(tissue_area) if tissue_area else None, "energy": per_slice(energy),
                    "kurtosis": per_slice(kurtosis),
-                   "same_z_ssim": np.stack([util.pairwise_ssim(volumes[:, z], volumes[:, z]).numpy()
-                                            for z in range(num_z)]),
-                   "adjacent_ssim": np.stack([util.reconstruction_ssim(volume[:-1].clamp(-1, 1), volume[1:]).numpy()
+                   "same_z_ssim": np.stack([pairwise_ssim(volumes[:, z], volumes[:, z]).numpy() for z in range(num_z)]),
+                   "adjacent_ssim": np.stack([util.reconstruction_ssim(volume[:-1].to(device).clamp(-1, 1),
+                                                                       volume[1:].to(device)).cpu().numpy()
                                               for volume in volumes])}
     for name, others in (("nearest_train_ssim", train_volumes), ("nearest_test_ssim", test_volumes)):
         if others is not None:
-            description[name] = np.stack([util.pairwise_ssim(volumes[:, z], others[:, z]).max(1).values.numpy()
+            description[name] = np.stack([pairwise_ssim(volumes[:, z], others[:, z]).max(1).values.numpy()
                                           for z in range(num_z)], 1)
     return description
 

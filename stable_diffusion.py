@@ -76,6 +76,8 @@ EVAL_EVERY = 1               # epochs between validation + checkpoint (and after
 USE_BF16 = None              # bf16 autocast for the training steps on the CPU: None = where it has bf16 instructions
                              # (AVX-512-BF16 or AMX; a step 1.3-1.45x as fast here), True / False to force. A GPU trains in fp32:
                              # at these sizes its steps wait on kernel launches, which autocast's casts add to
+CUDA_GRAPHS = False          # on a GPU, one process: replay each training step as one CUDA graph (util.CudaGraphStep),
+                             # as pre_train.py does; off until it has been measured on a GPU
 SEED = 0
 CKPT_DIR = "model_ckpt"
 LATENT_DIR = "collected_latents"
@@ -173,6 +175,8 @@ if __name__ == "__main__":
     if checkpoint:
         start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
         train_seconds = checkpoint["train_seconds"]
+    graphs = CUDA_GRAPHS and device.type == "cuda" and world_size == 1
+    util.set_capturable(optimizer, graphs)
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
         if is_main else None
     if is_main:
@@ -182,22 +186,28 @@ if __name__ == "__main__":
 
     step_values = util.StepValues(log, device, last_path, "Try a lower LR.")
     ema_params, unet_params = list(ema_unet.parameters()), list(unet.parameters())
+
+    def training_step(latents, z):
+        with util.autocast(device, amp_dtype):
+            loss = diffusion.loss(model, latents, z, LOSS, z_drop=Z_DROP)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():   # one fused update of all EMA weights
+            torch._foreach_lerp_(ema_params, unet_params, 1 - EMA_DECAY)
+        return {"train_loss": loss.detach()}
+
+    run_step = util.CudaGraphStep(training_step) if graphs else training_step
     span_start, span_latents = time.time(), 0     # throughput over the epochs since the last validation
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
         for latents, z in progress:
-            for group in optimizer.param_groups:
-                group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
-            with util.autocast(device, amp_dtype):
-                loss = diffusion.loss(model, latents.to(device), z.to(device), LOSS, z_drop=Z_DROP)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():   # one fused update of all EMA weights
-                torch._foreach_lerp_(ema_params, unet_params, 1 - EMA_DECAY)
-            values = step_values.add(step, {"train_loss": loss})
+            util.set_learning_rate(optimizer, util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR,
+                                                                        MIN_LR_RATIO))
+            values = step_values.add(step, run_step(latents.to(device, non_blocking=True),
+                                                    z.to(device, non_blocking=True)))
             if is_main and values:
                 progress.set_postfix(loss=f"{values['train_loss']:.4f}")
             step += 1

@@ -36,6 +36,8 @@ EPOCHS = 8
 BATCH_SIZE = 16
 LR = 3e-3
 MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
+CUDA_GRAPHS = False          # on a GPU: replay each training step as one CUDA graph (util.CudaGraphStep), as
+                             # pre_train.py does; off until it has been measured on a GPU
 SEED = 0
 CKPT_DIR = "model_ckpt"
 LOG_DIR = "log"
@@ -113,25 +115,31 @@ if __name__ == "__main__":
     checkpoint = util.resume(path, config, SHAPE_KEYS, {"model": critic, "optimizer": optimizer})
     if checkpoint:
         start_epoch, step, train_seconds = checkpoint["epoch"], checkpoint["step"], checkpoint["train_seconds"]
+    graphs = CUDA_GRAPHS and device.type == "cuda"
+    util.set_capturable(optimizer, graphs)
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None)
     step_values = util.StepValues(log, device, path, "Try a lower LR.")
     print(f"critic {sum(p.numel() for p in critic.parameters()) / 1e6:.2f}M params, {len(train_loader.dataset)} "
           f"training slices of {data_dir} at {IMG_SIZE}px, device {device}")
 
+    def training_step(images, zs, segs=None):
+        losses = critic_losses(critic(images), segs, zs)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {name: value.detach() for name, value in (losses | {"train_loss": loss}).items()}
+
+    run_step = util.CudaGraphStep(training_step) if graphs else training_step
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", leave=False)
         for images, segs, _, zs in progress:
-            for group in optimizer.param_groups:
-                group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
-            losses = critic_losses(critic(images.to(device)), None if segs is None else segs.to(device),
-                                   zs.to(device))
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            values = step_values.add(step, losses | {"train_loss": loss})
+            util.set_learning_rate(optimizer, util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR,
+                                                                        MIN_LR_RATIO))
+            inputs = (images, zs) if segs is None else (images, zs, segs)   # a graph's inputs are tensors
+            values = step_values.add(step, run_step(*(tensor.to(device, non_blocking=True) for tensor in inputs)))
             if values:
                 progress.set_postfix(loss=f"{values['train_loss']:.4f}")
             step += 1

@@ -57,6 +57,8 @@ HISTOGRAM_PSEUDO_COUNTS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)   # the histog
 USE_BF16 = None              # bf16 autocast for the training steps on the CPU: None = where it has bf16 instructions
                              # (AVX-512-BF16 or AMX; a step 1.25x as fast here), True / False to force. A GPU trains in fp32:
                              # at these sizes its steps wait on kernel launches, which autocast's casts add to
+CUDA_GRAPHS = False          # on a GPU, one process: replay each training step as one CUDA graph (util.CudaGraphStep),
+                             # as pre_train.py does; off until it has been measured on a GPU
 SEED = 0
 CKPT_DIR = "model_ckpt"
 LATENT_DIR = "collected_latents"
@@ -136,6 +138,8 @@ if __name__ == "__main__":
     if checkpoint:
         start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
         train_seconds = checkpoint["train_seconds"]
+    graphs = CUDA_GRAPHS and device.type == "cuda" and world_size == 1
+    util.set_capturable(optimizer, graphs)
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
         if is_main else None
     if is_main:
@@ -145,21 +149,26 @@ if __name__ == "__main__":
     model = DistributedDataParallel(prior) if world_size > 1 else prior
 
     step_values = util.StepValues(log, device, last_path, "Try a lower LR.")
+
+    def training_step(codes, z):
+        with util.autocast(device, amp_dtype):
+            loss = model(codes, z, return_nats_per_code=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+        optimizer.step()
+        return {"train_loss": loss.detach()}
+
+    run_step = util.CudaGraphStep(training_step) if graphs else training_step
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
         for codes, z in progress:
-            codes, z = codes.to(device), z.to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR, MIN_LR_RATIO)
-            with util.autocast(device, amp_dtype):
-                loss = model(codes, z, return_nats_per_code=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-            optimizer.step()
-            values = step_values.add(step, {"train_loss": loss})
+            util.set_learning_rate(optimizer, util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR,
+                                                                        MIN_LR_RATIO))
+            values = step_values.add(step, run_step(codes.to(device, non_blocking=True),
+                                                    z.to(device, non_blocking=True)))
             if is_main and values:
                 progress.set_postfix(loss=f"{values['train_loss']:.4f}")
             step += 1

@@ -16,6 +16,7 @@ from scipy import ndimage, stats
 
 import dataset
 import realism
+from conftest import assert_within_eager_spread
 import util
 from model_critic import critic_path, load_critic
 
@@ -158,6 +159,17 @@ def test_critic_training_resumes_and_stops_when_done(brains, capsys):
     util.save_checkpoint(after | {"epoch": 3}, unfinished)
     with pytest.raises(util.UserError, match="stopped at epoch 3 of 16; re-run train_critic.py"):
         load_critic(unfinished, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_steps_train_the_critic_as_eager_steps_do(brains, tmp_path):
+    """With CUDA_GRAPHS on a GPU the critic's steps are replayed as a CUDA graph: the same
+    weights as eager steps, within the spread of two eager runs."""
+    for name, graphs in (("graphed", True), ("eager", False), ("eager_again", False)):
+        run_script("train_critic.py", CRITIC + ["--EPOCHS=2", f"--CUDA_GRAPHS={graphs}", f"--DATA_DIR={brains['data_dir']}",
+                                                f"--CKPT_DIR={tmp_path / name}", f"--LOG_DIR={tmp_path / name}"])
+    assert_within_eager_spread(*(util.load_checkpoint(critic_path(str(tmp_path / name), brains["data_dir"], SIZE))
+                                 for name in ("graphed", "eager", "eager_again")), ("model",))
 
 
 # ----------------------------------------------------------------------------- the metrics on known cases

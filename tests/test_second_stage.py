@@ -15,6 +15,7 @@ from PIL import Image, ImageSequence
 
 import dataset
 import util
+from conftest import assert_within_eager_spread
 from logger import read_log
 from model_diffusion import NULL_Z, GaussianDiffusion, LatentUNet, diffusion_latents, load_diffusion
 from realism import METRICS
@@ -491,6 +492,24 @@ def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
     batch = 8 if script == "train_viT.py" else 16
     assert summary["processes"] == 2
     assert util.load_checkpoint(str(tmp_path / f"{run}_last.pt"))["step"] == 64 // (2 * batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("script, extra, run, weights", [("train_viT.py", TINY_PRIOR, "vqvae_prior", ("model",)),
+                                                         ("stable_diffusion.py", TINY_DIFFUSION, "vqvae_diffusion",
+                                                          ("model", "ema_model"))])
+def test_cuda_graph_steps_train_as_eager_steps_do(first_stage_dir, tmp_path, script, extra, run, weights):
+    """With CUDA_GRAPHS on a GPU the steps are replayed as a CUDA graph from the 5th: the same
+    training as eager steps (the diffusion's timesteps, noise and dropped z drawn alike), within
+    the spread of two eager runs."""
+    for name, graphs in (("graphed", True), ("eager", False), ("eager_again", False)):
+        run_script(script, second_stage_args(first_stage_dir, "--EPOCHS=3", *extra, *NO_SEARCH[script],
+                                             f"--CUDA_GRAPHS={graphs}", f"--CKPT_DIR={tmp_path / name}",
+                                             f"--LOG_DIR={tmp_path / name}", f"--VISUALIZE_DIR={tmp_path / name}"))
+    last = [util.load_checkpoint(str(tmp_path / name / f"{run}_last.pt")) for name in ("graphed", "eager", "eager_again")]
+    assert_within_eager_spread(*last, weights)
+    logs = [read_log(str(tmp_path / name / f"{run}.log")) for name in ("graphed", "eager")]
+    assert np.allclose(logs[0]["train_loss"][1], logs[1]["train_loss"][1], rtol=0.02)
 
 
 def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
