@@ -2,7 +2,8 @@
 
 `python dataset.py` builds the demo brains if needed (or reads DATA_DIR), prints a summary and
 renders a grid to visualize/. `--NIFTI_FILES='scans/*.nii.gz'` converts your own NIfTI volumes
-to the same layout instead (`--NIFTI_SPLIT=test` puts them all in the test split).
+to the same layout instead (`--NIFTI_SPLIT=test` puts them all in the test split;
+`--NIFTI_MASK_FILES='scans/*_mask.nii.gz'` strips the skull of scans that still have it).
 
 The demo brains are template-derived demo data, NOT OASIS: pseudo-brains made from the
 skull-stripped MNI152 2009a T1 template that ships inside the nilearn package, each with its
@@ -30,6 +31,8 @@ DEMO_DIR = "demo_data"     # where demo brains are built once and cached
 DEMO_BRAINS = (48, 8, 8)   # pseudo-brains in train / validate / test (32 slices each)
 DEMO_SEED = 0              # the demo set is a pure function of this seed and DEMO_BRAINS
 NIFTI_FILES = ""           # glob or comma-separated NIfTI paths to convert (one brain each)
+NIFTI_MASK_FILES = ""      # for scans that are not skull-stripped: their brain masks, glob or comma-separated, one per
+                           # volume, paired with NIFTI_FILES in sorted order (voxels outside a mask are set to 0)
 NIFTI_OUT_DIR = "nifti_slices"  # where converted NIfTI volumes go
 NIFTI_SPLIT = (0.8, 0.1, 0.1)   # shares of the converted volumes in train / validate / test, or one split
                                 # name ("test") that gets every volume, e.g. to score a scan or two
@@ -204,23 +207,39 @@ def template_path(kind):
     return path
 
 
-def load_volume(path, tissue_paths=()):
-    """A NIfTI volume in RAS orientation: {'data': (C, X, Y, Z) float32 tensor with intensity in
-    [0, 1] first, then any tissue probability maps, 'affine': voxel -> mm (4x4)}."""
+def _read_nifti(path):
+    """(the NIfTI image at `path` in RAS orientation, its voxels as a 3-D float32 array)."""
     import nibabel
     try:
         image = nibabel.as_closest_canonical(nibabel.load(path))
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:
         raise util.UserError(f"cannot read NIfTI volume {path}: {error}") from error
+    if data.ndim > 3 and set(data.shape[3:]) == {1}:     # (X, Y, Z, 1), as some tools write one volume
+        data = data.reshape(data.shape[:3])
     if data.ndim != 3:
-        raise util.UserError(f"NIfTI volume {path} has shape {data.shape}; expected one 3-D volume")
+        raise util.UserError(f"NIfTI volume {path} has shape {data.shape}; expected one 3-D volume "
+                             f"(a 4-D series: write each volume to its own file)")
+    return image, data
+
+
+def load_volume(path, tissue_paths=(), mask_path=None):
+    """A NIfTI volume in RAS orientation: {'data': (C, X, Y, Z) float32 tensor with intensity in
+    [0, 1] first, then any tissue probability maps, 'affine': voxel -> mm (4x4)}. With a brain
+    mask (a NIfTI on the same grid), voxels outside it are set to 0: the skull stripped."""
+    image, data = _read_nifti(path)
+    if mask_path:
+        mask_image, mask = _read_nifti(mask_path)
+        if mask.shape != data.shape or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
+            raise util.UserError(f"brain mask {mask_path} (shape {mask.shape}) is not on the grid of {path} "
+                                 f"(shape {data.shape}): give the mask made for that scan")
+        data = np.where(mask > 0, data, 0)
     if not (data > 0).any():
-        raise util.UserError(f"NIfTI volume {path} has no voxel above 0; expected a skull-stripped brain")
+        raise util.UserError(f"NIfTI volume {path} has no voxel above 0{' inside its mask' if mask_path else ''}; "
+                             f"expected a skull-stripped brain, or its brain mask in NIFTI_MASK_FILES")
     # robust scale: the 99.9th percentile of the brain maps to 0.9, the background stays 0
     data = np.clip(0.9 * data / np.percentile(data[data > 0], 99.9), 0, 1)
-    tissue = [np.asarray(nibabel.as_closest_canonical(nibabel.load(p)).dataobj, dtype=np.float32)
-              for p in tissue_paths]
+    tissue = [_read_nifti(p)[1] for p in tissue_paths]
     channels = [data] + [probability / probability.max() for probability in tissue]
     return {"data": torch.from_numpy(np.stack(channels)), "affine": image.affine}
 
@@ -348,12 +367,12 @@ def build_demo_brains(out_dir, brains_per_split, seed):
     return _write_dataset(out_dir, brains, info)
 
 
-def find_nifti(patterns):
-    """The files NIFTI_FILES names: comma-separated globs or paths."""
+def find_nifti(patterns, name="NIFTI_FILES"):
+    """The files `patterns` (the constant `name`) names: comma-separated globs or paths."""
     paths = [p for pattern in patterns.split(",") for p in sorted(glob.glob(pattern.strip()))]
     if not paths:
-        raise util.UserError(f"NIFTI_FILES {patterns!r} matched no files; give NIfTI paths or globs, "
-                             f"comma-separated, e.g. --NIFTI_FILES='scans/*.nii.gz'")
+        raise util.UserError(f"{name} {patterns!r} matched no files; give NIfTI paths or globs, "
+                             f"comma-separated, e.g. --{name}='scans/*.nii.gz'")
     return paths
 
 
@@ -373,14 +392,21 @@ def nifti_splits(count, split):
     return [SPLITS[int(np.searchsorted(bounds, (i + 0.5) / count))] for i in range(count)]
 
 
-def convert_nifti(paths, out_dir, split=NIFTI_SPLIT):
+def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=()):
     """Your NIfTI volumes (sorted by path) to the OASIS layout, one brain each, no augmentation,
-    into the splits nifti_splits gives (a split name puts them all there)."""
-    paths = sorted(paths)
+    into the splits nifti_splits gives (a split name puts them all there); `mask_paths` (sorted)
+    pairs a brain mask with each volume."""
+    paths, mask_paths = sorted(paths), sorted(mask_paths)
+    if mask_paths and len(mask_paths) != len(paths):
+        raise util.UserError(f"NIFTI_MASK_FILES matched {len(mask_paths)} file(s) for {len(paths)} volume(s); "
+                             f"give one brain mask per volume (they are paired in sorted order)")
+    masks = mask_paths or [None] * len(paths)
     splits = nifti_splits(len(paths), split)
-    brains = [(splits[i], i + 1, load_volume(path), None) for i, path in enumerate(paths)]
+    brains = [(splits[i], i + 1, load_volume(path, mask_path=mask), None) for i, (path, mask) in
+              enumerate(zip(paths, masks))]
     info = {"kind": "converted NIfTI volumes",
-            "sources": {i + 1: {"path": path, "split": splits[i]} for i, path in enumerate(paths)}}
+            "sources": {i + 1: {"path": path, "split": splits[i]} | ({"mask": mask} if mask else {})
+                        for i, (path, mask) in enumerate(zip(paths, masks))}}
     return _write_dataset(out_dir, brains, info)
 
 
@@ -425,7 +451,8 @@ def summarise(data_dir, img_size, grid_path):
         print(line)
     sources = info.get("sources", {})
     for brain, source in list(sources.items())[:NIFTI_LISTED]:
-        print(f"  brain {brain} in {source['split']}: {source['path']}")
+        print(f"  brain {brain} in {source['split']}: {source['path']}"
+              + (f" (brain mask {source['mask']})" if "mask" in source else ""))
     if len(sources) > NIFTI_LISTED:
         print(f"  ... {len(sources) - NIFTI_LISTED} more volumes: see {info_path}")
     shown = "test" if "test" in present else present[0]
@@ -439,6 +466,7 @@ if __name__ == "__main__":
     util.check_positive_ints(util.apply_overrides(globals(), other_types={"NIFTI_SPLIT": str}), ("IMG_SIZE",))
     start = time.time()
     if NIFTI_FILES:
-        DATA_DIR = convert_nifti(find_nifti(NIFTI_FILES), NIFTI_OUT_DIR, NIFTI_SPLIT)
+        masks = find_nifti(NIFTI_MASK_FILES, "NIFTI_MASK_FILES") if NIFTI_MASK_FILES else ()
+        DATA_DIR = convert_nifti(find_nifti(NIFTI_FILES), NIFTI_OUT_DIR, NIFTI_SPLIT, masks)
     summarise(DATA_DIR, IMG_SIZE, os.path.join("visualize", "dataset_grid.png"))
     print(f"done in {time.time() - start:.1f} s")

@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import nibabel
 import numpy as np
 import pytest
 import torch
@@ -186,6 +187,39 @@ def test_one_volume_into_the_named_split_from_the_command_line(tmp_path):
         dataset.OasisSlices("train", str(tmp_path / "my_scan"), 64)
 
 
+def test_a_volume_with_a_trailing_axis_of_one_converts_as_the_3d_volume(tmp_path):
+    """(X, Y, Z, 1) files, as some tools write a single volume, give the same slices."""
+    plain = dataset.convert_nifti([write_small_volume(tmp_path / "plain.nii.gz")], str(tmp_path / "plain"), "test")
+    four_d = dataset.convert_nifti([write_small_volume(tmp_path / "four_d.nii.gz", data=lambda volume: volume[..., None])],
+                                   str(tmp_path / "four_d"), "test")
+    assert np.array_equal(dataset.OasisSlices("test", plain, 64).images, dataset.OasisSlices("test", four_d, 64).images)
+
+
+def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
+    """A scan with its skull, given its brain mask, converts to the slices of the stripped scan;
+    masks are paired with scans in sorted order and must match them in number and grid."""
+    stripped = write_small_volume(tmp_path / "a_stripped.nii.gz")
+    skull = write_small_volume(tmp_path / "b_skull.nii.gz",
+                               data=lambda brain: np.where(brain > 0, brain, 0.8 * brain.max()))   # bright all round
+    mask = write_small_volume(tmp_path / "b_mask.nii.gz", data=lambda brain: (brain > 0).astype(np.float32))
+    plain = dataset.convert_nifti([stripped], str(tmp_path / "plain"), "test")
+    unmasked = dataset.convert_nifti([skull], str(tmp_path / "unmasked"), "test")
+    masked = dataset.convert_nifti([skull], str(tmp_path / "masked"), "test", [mask])
+    images = {name: dataset.OasisSlices("test", folder, 64).images
+              for name, folder in (("plain", plain), ("unmasked", unmasked), ("masked", masked))}
+    assert np.array_equal(images["masked"], images["plain"])
+    assert not np.array_equal(images["unmasked"], images["plain"])
+    dataset.summarise(masked, 64, str(tmp_path / "grid.png"))
+    assert f"brain 1 in test: {skull} (brain mask {mask})" in capsys.readouterr().out
+    with pytest.raises(util.UserError, match=r"NIFTI_MASK_FILES matched 1 file\(s\) for 2 volume\(s\)"):
+        dataset.convert_nifti([stripped, skull], str(tmp_path / "out"), "test", [mask])
+    other_grid = tmp_path / "other_grid.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.ones((10, 10, 10), np.float32), np.eye(4)), str(other_grid))
+    with pytest.raises(util.UserError, match=r"brain mask .*other_grid.nii.gz \(shape \(10, 10, 10\)\) is not on the "
+                                             r"grid of .*b_skull.nii.gz"):
+        dataset.convert_nifti([skull], str(tmp_path / "out"), "test", [str(other_grid)])
+
+
 def test_one_volume_by_default_shares_goes_to_train_and_the_summary_copes(tmp_path, capsys):
     out = dataset.convert_nifti([write_small_volume(tmp_path / "scan.nii.gz")], str(tmp_path / "converted"))
     dataset.summarise(out, 64, str(tmp_path / "grid.png"))
@@ -210,6 +244,9 @@ def test_nifti_errors_name_the_file_or_folder(tmp_path):
     empty = write_small_volume(tmp_path / "empty.nii.gz", data=np.zeros_like)
     with pytest.raises(util.UserError, match="empty.nii.gz has no voxel above 0"):
         dataset.convert_nifti([empty], str(tmp_path / "out"))
+    series = write_small_volume(tmp_path / "series.nii.gz", data=lambda volume: np.stack([volume, volume], -1))
+    with pytest.raises(util.UserError, match=r"series.nii.gz has shape \(\d+, \d+, \d+, 2\); expected one 3-D volume"):
+        dataset.convert_nifti([series], str(tmp_path / "out"))
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a volume")
     with pytest.raises(util.UserError, match="cannot read NIfTI volume .*broken.nii.gz"):
