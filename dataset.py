@@ -32,7 +32,7 @@ DEMO_BRAINS = (48, 8, 8)   # pseudo-brains in train / validate / test (32 slices
 DEMO_SEED = 0              # the demo set is a pure function of this seed and DEMO_BRAINS
 NIFTI_FILES = ""           # glob or comma-separated NIfTI paths to convert (one brain each)
 NIFTI_MASK_FILES = ""      # for scans that are not skull-stripped: their brain masks, glob or comma-separated, one per
-                           # volume, paired with NIFTI_FILES in sorted order (voxels outside a mask are set to 0)
+                           # volume in the order of NIFTI_FILES (a glob's files in sorted order); voxels outside are set to 0
 NIFTI_OUT_DIR = "nifti_slices"  # where converted NIfTI volumes go
 NIFTI_SPLIT = (0.8, 0.1, 0.1)   # shares of the converted volumes in train / validate / test, or one split
                                 # name ("test") that gets every volume, e.g. to score a scan or two
@@ -394,13 +394,12 @@ def nifti_splits(count, split):
 
 def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=()):
     """Your NIfTI volumes (sorted by path) to the OASIS layout, one brain each, no augmentation,
-    into the splits nifti_splits gives (a split name puts them all there); `mask_paths` (sorted)
-    pairs a brain mask with each volume."""
-    paths, mask_paths = sorted(paths), sorted(mask_paths)
+    into the splits nifti_splits gives (a split name puts them all there); `mask_paths`, if any,
+    gives each volume its brain mask, in the order of `paths`."""
     if mask_paths and len(mask_paths) != len(paths):
         raise util.UserError(f"NIFTI_MASK_FILES matched {len(mask_paths)} file(s) for {len(paths)} volume(s); "
-                             f"give one brain mask per volume (they are paired in sorted order)")
-    masks = mask_paths or [None] * len(paths)
+                             f"give one brain mask per volume, in the order of NIFTI_FILES")
+    paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))
     splits = nifti_splits(len(paths), split)
     brains = [(splits[i], i + 1, load_volume(path, mask_path=mask), None) for i, (path, mask) in
               enumerate(zip(paths, masks))]

@@ -197,7 +197,7 @@ def test_a_volume_with_a_trailing_axis_of_one_converts_as_the_3d_volume(tmp_path
 
 def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
     """A scan with its skull, given its brain mask, converts to the slices of the stripped scan;
-    masks are paired with scans in sorted order and must match them in number and grid."""
+    masks go with the scans in the order given and must match them in number and grid."""
     stripped = write_small_volume(tmp_path / "a_stripped.nii.gz")
     skull = write_small_volume(tmp_path / "b_skull.nii.gz",
                                data=lambda brain: np.where(brain > 0, brain, 0.8 * brain.max()))   # bright all round
@@ -213,6 +213,14 @@ def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
     assert f"brain 1 in test: {skull} (brain mask {mask})" in capsys.readouterr().out
     with pytest.raises(util.UserError, match=r"NIFTI_MASK_FILES matched 1 file\(s\) for 2 volume\(s\)"):
         dataset.convert_nifti([stripped, skull], str(tmp_path / "out"), "test", [mask])
+    # listed out of path order, each with its own mask (the stripped scan's keeps one hemisphere):
+    # the masks follow the scans, they are not sorted apart from them
+    half = write_small_volume(tmp_path / "c_half_mask.nii.gz", data=lambda brain: np.where(
+        np.arange(len(brain))[:, None, None] < len(brain) // 2, brain > 0, 0).astype(np.float32))
+    both = dataset.convert_nifti([skull, stripped], str(tmp_path / "both"), "test", [mask, half])
+    pair = dataset.OasisSlices("test", both, 64)
+    assert np.array_equal(pair.images[pair.brains == 2], images["masked"])
+    assert (pair.images[pair.brains == 1] > 0).mean() < 0.7 * (images["plain"] > 0).mean()
     other_grid = tmp_path / "other_grid.nii.gz"
     nibabel.save(nibabel.Nifti1Image(np.ones((10, 10, 10), np.float32), np.eye(4)), str(other_grid))
     with pytest.raises(util.UserError, match=r"brain mask .*other_grid.nii.gz \(shape \(10, 10, 10\)\) is not on the "
