@@ -31,8 +31,8 @@ DEMO_DIR = "demo_data"     # where demo brains are built once and cached
 DEMO_BRAINS = (48, 8, 8)   # pseudo-brains in train / validate / test (32 slices each)
 DEMO_SEED = 0              # the demo set is a pure function of this seed and DEMO_BRAINS
 NIFTI_FILES = ""           # glob or comma-separated NIfTI paths to convert (one brain each)
-NIFTI_MASK_FILES = ""      # for scans that are not skull-stripped: their brain masks, glob or comma-separated, one per
-                           # volume in the order of NIFTI_FILES (a glob's files in sorted order); voxels outside are set to 0
+NIFTI_MASK_FILES = ""      # for scans that are not skull-stripped: their brain masks, glob or comma-separated,
+                           # one per volume in the order of NIFTI_FILES (a glob's files sorted); outside, voxels are set to 0
 NIFTI_OUT_DIR = "nifti_slices"  # where converted NIfTI volumes go
 NIFTI_SPLIT = (0.8, 0.1, 0.1)   # shares of the converted volumes in train / validate / test, or one split
                                 # name ("test") that gets every volume, e.g. to score a scan or two

@@ -118,7 +118,8 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
         joined = torch.cat(parts)
         return joined.reshape(num_volumes, num_z, *joined.shape[1:]).numpy()
 
-    def pairwise_ssim(a, b):     # on the critic's device: on a GPU the nearest-slice searches take most of the time
+    # on the critic's device: left on the CPU, these searches took most of predict.py's time in `make gpu`
+    def pairwise_ssim(a, b):
         return util.pairwise_ssim(a.to(device), b.to(device)).cpu()
 
     description = {"features": per_slice(features), "predicted_z": per_slice(predicted_z),
