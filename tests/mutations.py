@@ -126,6 +126,13 @@ MUTATIONS = [
     ("nearest_code_forgets_its_block", "module.py", "return best_block * block + blocks[", "return blocks[",
      ["tests/test_models.py::test_two_level_argmin_is_argmin_ties_included",
       "tests/test_models.py::test_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through"]),
+    # a scan's brain mask read and then not applied; the masks sorted apart from their scans
+    ("brain_mask_ignored", "dataset.py", "data = np.where(mask > 0, data, 0)", "data = data",
+     ["tests/test_dataset.py::test_a_brain_mask_strips_the_skull_of_a_scan"]),
+    ("masks_sorted_apart_from_scans", "dataset.py",
+     "paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))",
+     "paths, masks = sorted(paths), sorted(mask_paths) or [None] * len(paths)",
+     ["tests/test_dataset.py::test_a_brain_mask_strips_the_skull_of_a_scan"]),
 ]
 
 
