@@ -2,6 +2,7 @@
 converted by dataset.py), one split.
 
     python dataset.py --NIFTI_FILES=my_t1.nii.gz --NIFTI_OUT_DIR=my_scans --NIFTI_SPLIT=test
+    (a scan with its skull: add --NIFTI_MASK_FILES=my_t1_brain_mask.nii.gz)
     python score_scans.py --DATA_DIR=my_scans                     # the VQVAE of `make`, split test
     python score_scans.py --DATA_DIR=my_scans --FIRST_STAGE=vae
 
