@@ -16,8 +16,8 @@ from scipy import ndimage, stats
 
 import dataset
 import realism
-from conftest import assert_within_eager_spread
 import util
+from conftest import assert_within_eager_spread
 from model_critic import critic_path, load_critic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
