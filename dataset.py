@@ -462,6 +462,7 @@ def summarise(data_dir, img_size, grid_path):
 
 
 if __name__ == "__main__":
+    util.check_single_process()
     util.check_positive_ints(util.apply_overrides(globals(), other_types={"NIFTI_SPLIT": str}), ("IMG_SIZE",))
     start = time.time()
     if NIFTI_FILES:

@@ -120,6 +120,7 @@ def plot_log(path, out_path, smoothing=SMOOTHING):
 
 if __name__ == "__main__":
     import util
+    util.check_single_process()
     arguments = sys.argv[1:]
     util.apply_overrides(globals(), [a for a in arguments if a.startswith("--") or a.endswith(".py")])
     runs = [a for a in arguments if not (a.startswith("--") or a.endswith(".py"))] \

@@ -221,3 +221,24 @@ def test_a_batch_size_with_no_full_batch_is_named():
     assert len(util.make_loader(data, 10, shuffle=True, drop_last=True)) == 1
     with pytest.raises(util.UserError, match="BATCH_SIZE 11 .* leaves no full batch: 10 training items"):
         util.make_loader(data, 11, shuffle=True, drop_last=True)
+
+
+@pytest.mark.parametrize("script, argv", [("dataset.py", []), ("train_critic.py", []), ("latent_dataset.py", []),
+                                          ("predict.py", []), ("score_scans.py", ["--DATA_DIR=my_scans"]),
+                                          ("logger.py", [])])
+def test_a_one_process_script_under_torchrun_says_so(tmp_path, script, argv):
+    """Started as one of several torchrun processes (WORLD_SIZE), a script that works in one
+    process stops before any work instead of doing it all once per process."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"))
+    assert_one_sentence(result.returncode, result.stderr, f"{script} runs in one process, and torchrun started 2: "
+                                                          f"run it with python")
+    assert os.listdir(tmp_path) == []
+
+
+def test_torchrun_of_a_one_process_script_stops_with_the_sentence(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             os.path.join(ROOT, "predict.py")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode != 0
+    assert "predict.py runs in one process, and torchrun started 2: run it with python" in result.stderr
