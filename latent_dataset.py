@@ -60,6 +60,7 @@ def collect(model, loader, device):
 
 
 if __name__ == "__main__":
+    util.check_single_process()
     util.check_positive_ints(util.apply_overrides(globals()), ("BATCH_SIZE",))
     device = util.get_device()
     checkpoint_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_best.pt")

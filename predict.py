@@ -152,6 +152,7 @@ def in_batches(function, volumes, device, batch=256):
 
 
 if __name__ == "__main__":
+    util.check_single_process()
     util.apply_overrides(globals())
     util.seed_everything(SEED)
     device = util.get_device()

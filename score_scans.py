@@ -59,6 +59,7 @@ def plot_ssim_per_z(ssim, brains, reference, path):
 
 
 if __name__ == "__main__":
+    util.check_single_process()
     util.apply_overrides(globals())
     if not DATA_DIR:
         raise util.UserError("give the folder to score: python score_scans.py --DATA_DIR=my_scans (an OASIS-layout "

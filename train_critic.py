@@ -94,6 +94,7 @@ def evaluate(critic, loader, device):
 
 
 if __name__ == "__main__":
+    util.check_single_process()
     config = util.apply_overrides(globals())
     data_dir = dataset.resolve_data_dir(DATA_DIR)
     run_name = model_critic.critic_run_name(data_dir, IMG_SIZE)

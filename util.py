@@ -115,9 +115,9 @@ def seed_everything(seed):
 
 
 def check_single_process():
-    """Stop a script that works in one process when torchrun started it in several: each would
-    do all the work and write the same files (pre_train.py, train_viT.py and stable_diffusion.py
-    share theirs across processes, through setup_distributed)."""
+    """Called first by a script that works in one process: stop when torchrun started it in
+    several, each of which would do all the work and write the same files (pre_train.py,
+    train_viT.py and stable_diffusion.py share theirs across processes: setup_distributed)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not torch.distributed.is_initialized():
         raise UserError(f"{os.path.basename(sys.argv[0])} runs in one process, and torchrun started {world_size}: "
@@ -127,9 +127,7 @@ def check_single_process():
 def get_device(gpu_index=None):
     """CUDA (GPU `gpu_index`) when present, else CPU: nothing in the project needs a GPU. On CUDA,
     cuDNN times its convolution algorithms on each new input shape and keeps the fastest
-    (training shapes repeat). A script of one process asking for its device under torchrun
-    stops (check_single_process)."""
-    check_single_process()
+    (training shapes repeat)."""
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         return torch.device("cuda", gpu_index)

@@ -133,6 +133,11 @@ MUTATIONS = [
      "paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))",
      "paths, masks = sorted(paths), sorted(mask_paths) or [None] * len(paths)",
      ["tests/test_dataset.py::test_a_brain_mask_strips_the_skull_of_a_scan"]),
+    # a one-process script left to run once per torchrun process
+    ("one_process_scripts_run_under_torchrun", "util.py",
+     "if world_size > 1 and not torch.distributed.is_initialized():", "if False:",
+     ["tests/test_user_errors.py::test_a_one_process_script_under_torchrun_says_so",
+      "tests/test_user_errors.py::test_torchrun_of_a_one_process_script_stops_with_the_sentence"]),
 ]
 
 
