@@ -11,6 +11,7 @@ own smooth elastic warp, small affine change and intensity change (gamma, bias f
 """
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -36,8 +37,12 @@ NIFTI_MASK_FILES = ""      # for scans that are not skull-stripped: their brain 
 NIFTI_OUT_DIR = "nifti_slices"  # where converted NIfTI volumes go
 NIFTI_SPLIT = (0.8, 0.1, 0.1)   # shares of the converted volumes in train / validate / test, or one split
                                 # name ("test") that gets every volume, e.g. to score a scan or two
+NIFTI_ALIGN = True         # align each converted brain to the MNI152 template (affine, on the brain masks) so that
+                           # slice z cuts the anatomy it cuts in the demo brains, as OASIS's atlas registration does;
+                           # False: slice each brain's own bounding box (a brain with more brainstem sits lower)
 
 SLICES_PER_BRAIN = 32
+ALIGN_STEPS = ((6.0, 6.0, 100), (4.0, 2.0, 60))   # alignment: (grid spacing mm, mask blur mm, Adam steps), coarse to fine
 NIFTI_LISTED = 8           # the summary lists the sources of up to this many converted volumes
 PNG_SIZE = 256
 SPLITS = ("train", "validate", "test")
@@ -253,15 +258,83 @@ def _smooth_field(rng, control_points, channels, scale, coords):
     return values.reshape(channels, *coords.shape[:-1]).movedim(0, -1)
 
 
+def _brain_world(volume):
+    """The world positions (mm, (N, 3)) of a volume's brain voxels (intensity above 0.05)."""
+    affine = torch.from_numpy(volume["affine"]).float()
+    voxels = torch.nonzero(volume["data"][0] > 0.05).float()
+    return voxels @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _sample_world(data, affine, points):
+    """Channels (C, X, Y, Z) on the grid of `affine` (voxel -> mm), sampled trilinearly at world
+    `points` (..., 3): (C, ...), 0 outside the volume."""
+    inverse = torch.linalg.inv(torch.as_tensor(affine, dtype=torch.float32))
+    voxel_index = points @ inverse[:3, :3].T + inverse[:3, 3]
+    sizes = torch.tensor(data.shape[1:], dtype=torch.float32)
+    normalised = (2 * voxel_index / (sizes - 1) - 1).flip(-1)  # grid_sample wants (z, y, x)
+    sampled = torch.nn.functional.grid_sample(data[None], normalised.reshape(1, -1, 1, 1, 3), align_corners=True)[0]
+    return sampled.reshape(len(data), *points.shape[:-1])
+
+
+def _blurred_mask(volume, sigma_mm):
+    """The volume's brain mask (1, X, Y, Z), blurred by a Gaussian of `sigma_mm`: a smooth
+    landscape for the alignment to climb."""
+    mask = (volume["data"][:1] > 0.05).float()
+    voxel_mm = np.sqrt((np.asarray(volume["affine"])[:3, :3] ** 2).sum(0))
+    for axis in range(3):
+        sigma = max(sigma_mm / voxel_mm[axis], 0.5)
+        radius = math.ceil(2 * sigma)
+        taps = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * sigma ** 2))
+        shape, padding = [1, 1, 1, 1, 1], [0] * 6
+        shape[2 + axis] = -1
+        padding[4 - 2 * axis] = padding[5 - 2 * axis] = radius       # F.pad counts axes from the last
+        mask = torch.nn.functional.conv3d(torch.nn.functional.pad(mask[None], padding),
+                                          (taps / taps.sum()).view(shape))[0]
+    return mask
+
+
+def align_to_template(volume, template):
+    """The affine (4x4, template world mm -> the volume's world mm) that lays the volume's brain
+    mask over the template's, and the overlap it reaches: the soft Dice of the two blurred masks
+    over the template's with itself (1: the template's own shape). Starts from matching the
+    masks' centres and spreads, then climbs the soft Dice of masks blurred less and less
+    (ALIGN_STEPS). Reads only the masks: any contrast, any scanner, skull-stripped."""
+    brain, template_brain = _brain_world(volume), _brain_world(template)
+    scale = brain.std(0) / template_brain.std(0)
+    linear = torch.diag(scale).requires_grad_()
+    shift = (brain.mean(0) - template_brain.mean(0) * scale).requires_grad_()
+    low, high = template_brain.min(0).values - 10, template_brain.max(0).values + 10
+    for spacing, sigma, steps in ALIGN_STEPS:
+        axes = [torch.arange(start, stop, spacing) for start, stop in zip(low.tolist(), high.tolist())]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+        target = _sample_world(_blurred_mask(template, sigma), template["affine"], grid)[0]
+        moving = _blurred_mask(volume, sigma)
+        optimizer = torch.optim.Adam([{"params": [linear], "lr": 3e-3}, {"params": [shift], "lr": 0.3}])
+        for _ in range(steps):
+            moved = _sample_world(moving, volume["affine"], grid @ linear.T + shift)[0]
+            dice = 2 * (moved * target).sum() / (moved.sum() + target.sum())
+            optimizer.zero_grad()
+            (-dice).backward()
+            optimizer.step()
+    to_volume = torch.eye(4)
+    to_volume[:3, :3], to_volume[:3, 3] = linear.detach(), shift.detach()
+    return to_volume, (dice / ((target ** 2).sum() / target.sum())).item()
+
+
 def render_brain(volume, rng=None):
     """32 axial slices (uint8 (32, 256, 256)) spanning the brain, anterior up, black background,
     and tissue labels (0 background, 1 CSF, 2 grey matter, 3 white matter) when the volume has
     grey- and white-matter maps. With a numpy Generator `rng`, the brain gets a random smooth
-    elastic warp, small affine change, gamma and bias field first: a new pseudo-brain per draw."""
-    data, affine = volume["data"], torch.from_numpy(volume["affine"]).float()
-    voxels = torch.nonzero(data[0] > 0.05).float()
-    world = voxels @ affine[:3, :3].T + affine[:3, 3]
-    low, high = world.min(0).values, world.max(0).values
+    elastic warp, small affine change, gamma and bias field first: a new pseudo-brain per draw.
+    A volume with a "frame" ({"bounds": the template brain's box, "to_volume": align_to_template's
+    affine}) is cut at the template's slice planes carried into it, not at its own box's."""
+    data = volume["data"]
+    frame = volume.get("frame")
+    if frame is None:
+        world = _brain_world(volume)
+        low, high = world.min(0).values, world.max(0).values
+    else:
+        low, high = frame["bounds"]
     centre, extent = (low + high) / 2, high - low
     pixel_mm = float(max(extent[0], extent[1])) / (0.78 * PNG_SIZE)  # margin for the warps
     # output pixel positions in mm: columns run left->right, rows anterior->posterior
@@ -278,12 +351,11 @@ def render_brain(volume, rng=None):
         shift = torch.from_numpy(rng.uniform(-1, 1, 3) * (4, 4, 3)).float()
         warp_mm = _smooth_field(rng, 5, 3, 2.5, unit)
         points = centre + ((points - centre) @ rotation.T) * scale + shift + warp_mm
+    if frame is not None:       # the template's slice planes, carried into this brain
+        to_volume = frame["to_volume"]
+        points = points @ to_volume[:3, :3].T + to_volume[:3, 3]
 
-    inverse = torch.linalg.inv(affine)
-    voxel_index = points @ inverse[:3, :3].T + inverse[:3, 3]
-    sizes = torch.tensor(data.shape[1:], dtype=torch.float32)
-    normalised = (2 * voxel_index / (sizes - 1) - 1).flip(-1)  # grid_sample wants (z, y, x)
-    sampled = torch.nn.functional.grid_sample(data[None], normalised[None], align_corners=True)[0]
+    sampled = _sample_world(data, volume["affine"], points)
     intensity, brain = sampled[0], sampled[0] > 0.02
 
     if rng is not None:
@@ -392,21 +464,31 @@ def nifti_splits(count, split):
     return [SPLITS[int(np.searchsorted(bounds, (i + 0.5) / count))] for i in range(count)]
 
 
-def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=()):
+def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_ALIGN):
     """Your NIfTI volumes (sorted by path) to the OASIS layout, one brain each, no augmentation,
     into the splits nifti_splits gives (a split name puts them all there); `mask_paths`, if any,
-    gives each volume its brain mask, in the order of `paths`."""
+    gives each volume its brain mask, in the order of `paths`. With `align`, each brain is cut
+    at the MNI152 template's slice planes (align_to_template)."""
     if mask_paths and len(mask_paths) != len(paths):
         raise util.UserError(f"NIFTI_MASK_FILES matched {len(mask_paths)} file(s) for {len(paths)} volume(s); "
                              f"give one brain mask per volume, in the order of NIFTI_FILES")
     paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))
+    from tqdm import tqdm
     splits = nifti_splits(len(paths), split)
-    brains = [(splits[i], i + 1, load_volume(path, mask_path=mask), None) for i, (path, mask) in
-              enumerate(zip(paths, masks))]
-    info = {"kind": "converted NIfTI volumes",
-            "sources": {i + 1: {"path": path, "split": splits[i]} | ({"mask": mask} if mask else {})
-                        for i, (path, mask) in enumerate(zip(paths, masks))}}
-    return _write_dataset(out_dir, brains, info)
+    template = load_volume(template_path("t1")) if align else None
+    template_world = None if template is None else _brain_world(template)
+    brains, sources = [], {}
+    for i, (path, mask) in enumerate(tqdm(list(zip(paths, masks)), desc="reading" + (" and aligning" if align else ""),
+                                          unit="volume")):
+        volume = load_volume(path, mask_path=mask)
+        sources[i + 1] = {"path": path, "split": splits[i]} | ({"mask": mask} if mask else {})
+        if align:
+            to_volume, overlap = align_to_template(volume, template)
+            volume["frame"] = {"bounds": (template_world.min(0).values, template_world.max(0).values),
+                               "to_volume": to_volume}
+            sources[i + 1]["alignment_overlap"] = round(overlap, 3)
+        brains.append((splits[i], i + 1, volume, None))
+    return _write_dataset(out_dir, brains, {"kind": "converted NIfTI volumes", "sources": sources})
 
 
 def resolve_data_dir(data_dir=None):
@@ -451,7 +533,9 @@ def summarise(data_dir, img_size, grid_path):
     sources = info.get("sources", {})
     for brain, source in list(sources.items())[:NIFTI_LISTED]:
         print(f"  brain {brain} in {source['split']}: {source['path']}"
-              + (f" (brain mask {source['mask']})" if "mask" in source else ""))
+              + (f" (brain mask {source['mask']})" if "mask" in source else "")
+              + (f", aligned to the template: mask overlap {source['alignment_overlap']:.2f} (1 = the "
+                 f"template's own)" if "alignment_overlap" in source else ""))
     if len(sources) > NIFTI_LISTED:
         print(f"  ... {len(sources) - NIFTI_LISTED} more volumes: see {info_path}")
     shown = "test" if "test" in present else present[0]
@@ -467,6 +551,6 @@ if __name__ == "__main__":
     start = time.time()
     if NIFTI_FILES:
         masks = find_nifti(NIFTI_MASK_FILES, "NIFTI_MASK_FILES") if NIFTI_MASK_FILES else ()
-        DATA_DIR = convert_nifti(find_nifti(NIFTI_FILES), NIFTI_OUT_DIR, NIFTI_SPLIT, masks)
+        DATA_DIR = convert_nifti(find_nifti(NIFTI_FILES), NIFTI_OUT_DIR, NIFTI_SPLIT, masks, NIFTI_ALIGN)
     summarise(DATA_DIR, IMG_SIZE, os.path.join("visualize", "dataset_grid.png"))
     print(f"done in {time.time() - start:.1f} s")

@@ -160,7 +160,7 @@ def write_small_volume(path, data=None):
 
 def test_convert_nifti_volumes_to_oasis_layout(tmp_path):
     paths = [write_small_volume(tmp_path / f"scan{i}.nii.gz") for i in range(3)]
-    out = dataset.convert_nifti(paths, str(tmp_path / "converted"), (1, 1, 1))
+    out = dataset.convert_nifti(paths, str(tmp_path / "converted"), (1, 1, 1), align=False)
     for split in dataset.SPLITS:
         data = dataset.OasisSlices(split, out, 64)
         assert len(data) == 32 and data.segs is None
@@ -178,7 +178,8 @@ def test_one_volume_into_the_named_split_from_the_command_line(tmp_path):
     assert re.search(r"^  train +empty: no keras_png_slices_train folder$", out, re.M)
     assert re.search(r"^  validate +empty: no keras_png_slices_validate folder$", out, re.M)
     assert re.search(r"^  test +32 slices +1 brains +z 0\.\.31 ", out, re.M)
-    assert f"brain 1 in test: {scan}" in out and "grid of test brain 1: visualize/dataset_grid.png" in out
+    assert f"brain 1 in test: {scan}, aligned to the template: mask overlap" in out
+    assert "grid of test brain 1: visualize/dataset_grid.png" in out
     assert sorted(os.listdir(tmp_path / "my_scan")) == ["dataset_info.json", "keras_png_slices_test"]
     assert (tmp_path / "visualize" / "dataset_grid.png").exists()
     assert len(dataset.OasisSlices("test", str(tmp_path / "my_scan"), 64)) == 32
@@ -189,10 +190,44 @@ def test_one_volume_into_the_named_split_from_the_command_line(tmp_path):
 
 def test_a_volume_with_a_trailing_axis_of_one_converts_as_the_3d_volume(tmp_path):
     """(X, Y, Z, 1) files, as some tools write a single volume, give the same slices."""
-    plain = dataset.convert_nifti([write_small_volume(tmp_path / "plain.nii.gz")], str(tmp_path / "plain"), "test")
+    plain = dataset.convert_nifti([write_small_volume(tmp_path / "plain.nii.gz")], str(tmp_path / "plain"), "test",
+                                  align=False)
     four_d = dataset.convert_nifti([write_small_volume(tmp_path / "four_d.nii.gz", data=lambda volume: volume[..., None])],
-                                   str(tmp_path / "four_d"), "test")
+                                   str(tmp_path / "four_d"), "test", align=False)
     assert np.array_equal(dataset.OasisSlices("test", plain, 64).images, dataset.OasisSlices("test", four_d, 64).images)
+
+
+def test_alignment_recovers_a_known_affine_and_cuts_the_template_planes(tmp_path):
+    """The template brain moved by a known affine (tilted 10 degrees about left-right, 8% larger,
+    shifted) is aligned back: align_to_template finds that affine, and the moved brain converts
+    to the template's own slices, which slicing its own bounding box does not give."""
+    template = dataset.load_volume(write_small_volume(tmp_path / "template.nii.gz"))
+    cos, sin = np.cos(np.deg2rad(10)), np.sin(np.deg2rad(10))
+    known = torch.eye(4)
+    known[:3, :3] = 1.08 * torch.tensor([[1.0, 0, 0], [0, cos, -sin], [0, sin, cos]])
+    known[:3, 3] = torch.tensor([4.0, -6.0, 5.0])
+    # the moved brain, on a grid 20 mm wider each way: its value at known(x) is the template's at x
+    affine = template["affine"].copy()
+    affine[:3, 3] -= 20
+    shape = np.array(template["data"].shape[1:]) + 20
+    voxels = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij"), -1)
+    world = voxels @ torch.from_numpy(affine[:3, :3]).float().T + torch.from_numpy(affine[:3, 3]).float()
+    inverse = torch.linalg.inv(known)
+    moved = dataset._sample_world(template["data"][:1], template["affine"], world @ inverse[:3, :3].T + inverse[:3, 3])
+    moved_path = tmp_path / "moved.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(moved[0].numpy(), affine), str(moved_path))
+
+    to_volume, overlap = dataset.align_to_template(dataset.load_volume(str(moved_path)), template)
+    corners = torch.tensor([[x, y, z, 1.0] for x in (-70, 70) for y in (-100, 70) for z in (-70, 80)])
+    assert ((corners @ to_volume.T - corners @ known.T)[:, :3].norm(dim=1).max()) < 3      # mm, on 2-mm voxels
+    assert overlap > 0.97
+    slices = {name: dataset.OasisSlices("test", dataset.convert_nifti([str(path)], str(tmp_path / name), "test",
+                                                                      align=align), 64)
+              for name, path, align in (("template", tmp_path / "template.nii.gz", True), ("moved", moved_path, True),
+                                        ("moved_own_box", moved_path, False))}
+    images = {name: torch.from_numpy(data.images).float()[:, None] / 255 for name, data in slices.items()}
+    aligned, own_box = (util.ssim(images["template"], images[name]).item() for name in ("moved", "moved_own_box"))
+    assert aligned > 0.9 and aligned > own_box + 0.1
 
 
 def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
@@ -202,9 +237,9 @@ def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
     skull = write_small_volume(tmp_path / "b_skull.nii.gz",
                                data=lambda brain: np.where(brain > 0, brain, 0.8 * brain.max()))   # bright all round
     mask = write_small_volume(tmp_path / "b_mask.nii.gz", data=lambda brain: (brain > 0).astype(np.float32))
-    plain = dataset.convert_nifti([stripped], str(tmp_path / "plain"), "test")
-    unmasked = dataset.convert_nifti([skull], str(tmp_path / "unmasked"), "test")
-    masked = dataset.convert_nifti([skull], str(tmp_path / "masked"), "test", [mask])
+    plain = dataset.convert_nifti([stripped], str(tmp_path / "plain"), "test", align=False)
+    unmasked = dataset.convert_nifti([skull], str(tmp_path / "unmasked"), "test", align=False)
+    masked = dataset.convert_nifti([skull], str(tmp_path / "masked"), "test", [mask], align=False)
     images = {name: dataset.OasisSlices("test", folder, 64).images
               for name, folder in (("plain", plain), ("unmasked", unmasked), ("masked", masked))}
     assert np.array_equal(images["masked"], images["plain"])
@@ -217,7 +252,7 @@ def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
     # the masks follow the scans, they are not sorted apart from them
     half = write_small_volume(tmp_path / "c_half_mask.nii.gz", data=lambda brain: np.where(
         np.arange(len(brain))[:, None, None] < len(brain) // 2, brain > 0, 0).astype(np.float32))
-    both = dataset.convert_nifti([skull, stripped], str(tmp_path / "both"), "test", [mask, half])
+    both = dataset.convert_nifti([skull, stripped], str(tmp_path / "both"), "test", [mask, half], align=False)
     pair = dataset.OasisSlices("test", both, 64)
     assert np.array_equal(pair.images[pair.brains == 2], images["masked"])
     assert (pair.images[pair.brains == 1] > 0).mean() < 0.7 * (images["plain"] > 0).mean()
@@ -229,7 +264,7 @@ def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
 
 
 def test_one_volume_by_default_shares_goes_to_train_and_the_summary_copes(tmp_path, capsys):
-    out = dataset.convert_nifti([write_small_volume(tmp_path / "scan.nii.gz")], str(tmp_path / "converted"))
+    out = dataset.convert_nifti([write_small_volume(tmp_path / "scan.nii.gz")], str(tmp_path / "converted"), align=False)
     dataset.summarise(out, 64, str(tmp_path / "grid.png"))
     printed = capsys.readouterr().out
     assert re.search(r"^  train +32 slices +1 brains", printed, re.M)
@@ -264,8 +299,8 @@ def test_nifti_errors_name_the_file_or_folder(tmp_path):
 def test_conversion_replaces_its_own_folder_but_no_other(tmp_path):
     scan = write_small_volume(tmp_path / "scan.nii.gz")
     out = str(tmp_path / "converted")
-    dataset.convert_nifti([scan], out, "test")
-    dataset.convert_nifti([scan], out, "validate")
+    dataset.convert_nifti([scan], out, "test", align=False)
+    dataset.convert_nifti([scan], out, "validate", align=False)
     assert dataset.present_splits(out) == ["validate"]
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
