@@ -133,6 +133,10 @@ MUTATIONS = [
      "paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))",
      "paths, masks = sorted(paths), sorted(mask_paths) or [None] * len(paths)",
      ["tests/test_dataset.py::test_a_brain_mask_strips_the_skull_of_a_scan"]),
+    # a converted brain aligned to the template but cut at the template's planes without the alignment
+    ("alignment_not_carried_into_the_slices", "dataset.py",
+     "        points = points @ to_volume[:3, :3].T + to_volume[:3, 3]\n", "",
+     ["tests/test_dataset.py::test_alignment_recovers_a_known_affine_and_cuts_the_template_planes"]),
     # a one-process script left to run once per torchrun process
     ("one_process_scripts_run_under_torchrun", "util.py",
      "if world_size > 1 and not torch.distributed.is_initialized():", "if False:",
