@@ -15,7 +15,9 @@ Writes log/<FIRST_STAGE>_scans_<folder>.json and prints:
   the first stage loses on them: sharpness, tissue, ...);
 - visualize/<FIRST_STAGE>_scans_<folder>_brain<id>.png: each brain's 32 slices above their
   reconstructions.
-Slices are resized to the first stage's IMG_SIZE; every brain needs its 32 slices.
+Slices are resized to the first stage's IMG_SIZE; every brain needs its 32 slices. Each brain's
+intensities are first mapped onto those of the first stage's training brains (MATCH_INTENSITY),
+and everything above is measured on the matched slices.
 """
 import contextlib
 import json
@@ -34,10 +36,30 @@ from model_VAE import evaluate_reconstructions, load_first_stage
 DATA_DIR = ""                # your OASIS-layout folder (required)
 SPLIT = "test"               # the split of it to score
 FIRST_STAGE = "vqvae"        # the first-stage run: model_ckpt/<FIRST_STAGE>_best.pt
+MATCH_INTENSITY = True       # map each of your brains' intensities onto those of the first stage's training brains
+                             # (quantile matching inside the brain, per volume) before anything is scored: the models
+                             # learned one intensity scale and scanners differ; False: your slices as they are
 CKPT_DIR = "model_ckpt"
 LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
 NUM_Z = dataset.SLICES_PER_BRAIN
+
+
+def match_intensity(volumes, reference):
+    """`volumes` (V, Z, 1, H, W) in [-1, 1] with each volume's brain (every pixel above the
+    background's -1, however dark: a threshold would drop a darker scanner's faint pixels and
+    shift every quantile) given the intensity distribution of the brains in `reference` (any
+    shape): every brain value goes to the reference quantile of its own quantile in its volume,
+    so order is kept and only the scale changes. The background stays."""
+    levels = np.linspace(0, 1, 1001)
+    reference = reference.numpy()
+    target = np.quantile(reference[reference > -1], levels)
+    matched = volumes.clone()
+    for volume in matched:
+        brain = volume > -1
+        values = volume[brain].numpy()
+        volume[brain] = torch.from_numpy(np.interp(values, np.quantile(values, levels), target)).to(volume.dtype)
+    return matched
 
 
 def plot_ssim_per_z(ssim, brains, reference, path):
@@ -68,7 +90,8 @@ if __name__ == "__main__":
     first_stage, config = load_first_stage(os.path.join(CKPT_DIR, f"{FIRST_STAGE}_best.pt"), device)
     critic, home_dir, img_size = load_first_stage_critic(config, CKPT_DIR, device)
     scans = dataset.OasisSlices(SPLIT, DATA_DIR, img_size)
-    volumes = scans.volumes()
+    train, test = (dataset.OasisSlices(split, home_dir, img_size).volumes() for split in ("train", "test"))
+    volumes = match_intensity(scans.volumes(), train) if MATCH_INTENSITY else scans.volumes()
     brains = np.unique(scans.brains)
     with torch.no_grad():
         reconstructions = torch.stack([first_stage.reconstruct(volume.to(device), torch.arange(NUM_Z, device=device))[0]
@@ -83,16 +106,17 @@ if __name__ == "__main__":
                              os.path.join(VISUALIZE_DIR, f"{name}_brain{brain}.png"))
     plot_ssim_per_z(ssim, brains, home_ssim, os.path.join(VISUALIZE_DIR, f"{name}_ssim.png"))
 
-    train, test = (dataset.OasisSlices(split, home_dir, img_size).volumes() for split in ("train", "test"))
     against_home = realism.evaluate_sources({"your_scans": volumes, "reconstructions": reconstructions}, critic,
                                             train, test)
     against_scans = realism.evaluate_sources({"reconstructions": reconstructions}, critic, train, volumes)
     results = {"data_dir": os.path.abspath(DATA_DIR), "split": SPLIT, "first_stage": FIRST_STAGE,
+               "intensity_matched": MATCH_INTENSITY,
                "ssim": float(ssim.mean()), "ssim_per_brain": {int(b): float(s) for b, s in zip(brains, ssim.mean(1))},
                "ssim_per_z": ssim.mean(0).tolist(), "first_stage_test_ssim": home_ssim,
                "realism_against_first_stage_test": against_home, "realism_against_your_scans": against_scans}
-    print(f"{FIRST_STAGE} reconstruction SSIM on {DATA_DIR} ({SPLIT}, {len(brains)} brains): {results['ssim']:.4f} "
-          f"(its own test split: {home_ssim:.4f})")
+    print(f"{FIRST_STAGE} reconstruction SSIM on {DATA_DIR} ({SPLIT}, {len(brains)} brains"
+          + (", intensities matched to its training brains" if MATCH_INTENSITY else "")
+          + f"): {results['ssim']:.4f} (its own test split: {home_ssim:.4f})")
     for brain, score in results["ssim_per_brain"].items():
         print(f"  brain {brain}: {score:.4f}")
     print(f"\nyour brains and their reconstructions against {FIRST_STAGE}'s real test brains:")

@@ -3,7 +3,9 @@ VQVAE trained on real demo brains (2 train brains at 32x32)."""
 import json
 import math
 import os
+import pathlib
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -512,6 +514,30 @@ def test_cuda_graph_steps_train_as_eager_steps_do(first_stage_dir, tmp_path, scr
     assert np.allclose(logs[0]["train_loss"][1], logs[1]["train_loss"][1], rtol=0.02)
 
 
+def test_intensity_matching_undoes_a_scanners_intensity_curve(first_stage_dir, demo_dir, tmp_path):
+    """A real brain whose intensities went through another scanner's curve (darker, more contrast):
+    matched to the training brains' intensities it scores nearly as the brain itself, unmatched
+    far worse; match_intensity gives a brain back its own values when it is the reference."""
+    import score_scans
+    volume = dataset.OasisSlices("test", demo_dir, 32).volumes()
+    curve = lambda x: 2 * (0.6 * ((x + 1) / 2) ** 1.6) - 1      # noqa: E731 (on [-1, 1], background kept)
+    assert (score_scans.match_intensity(curve(volume), volume) - volume).abs().max() < 1e-3
+    scanner = tmp_path / "scanner" / "keras_png_slices_test"
+    scanner.mkdir(parents=True)
+    lookup = np.round(255 * 0.6 * (np.arange(256) / 255) ** 1.6).astype(np.uint8)
+    for path in (pathlib.Path(dataset.image_folder(demo_dir, "test"))).glob("*.png"):
+        Image.fromarray(lookup[np.asarray(Image.open(path))]).save(scanner / path.name)
+    shutil.copytree(dataset.image_folder(demo_dir, "test"), tmp_path / "same" / "keras_png_slices_test")
+    arguments = [f"--CKPT_DIR={first_stage_dir}/ckpt", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"]
+    ssim = {}
+    for folder, match in (("same", False), ("scanner", False), ("scanner", True)):
+        run_script("score_scans.py", arguments + [f"--DATA_DIR={tmp_path / folder}", f"--MATCH_INTENSITY={match}"])
+        ssim[folder, match] = json.loads((tmp_path / f"vqvae_scans_{folder}.json").read_text())["ssim"]
+    # the curve costs 0.17 SSIM here (0.848 -> 0.674); matching wins back all but 0.011 of it
+    lost, left = ssim["same", False] - ssim["scanner", False], ssim["same", False] - ssim["scanner", True]
+    assert lost > 0.1 and left < 0.15 * lost
+
+
 def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
     run_script("stable_diffusion.py", second_stage_args(first_stage_dir, "--FIRST_STAGE=vae", "--EPOCHS=1",
                                                         *default_precision(TINY_DIFFUSION)))
@@ -532,7 +558,7 @@ def test_score_scans_on_a_converted_nifti_volume(first_stage_dir, tmp_path, caps
     arguments = [f"--CKPT_DIR={first_stage_dir}/ckpt", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"]
     with pytest.raises(util.UserError, match="give the folder to score: python score_scans.py --DATA_DIR="):
         run_script("score_scans.py", arguments)
-    run_script("score_scans.py", arguments + [f"--DATA_DIR={scans}"])
+    run_script("score_scans.py", arguments + [f"--DATA_DIR={scans}", "--MATCH_INTENSITY=False"])
     results = json.loads((tmp_path / "vqvae_scans_my_scans.json").read_text())
     # the per-z figures are those of the first stage's own reconstruction of the converted slices,
     # on the script's device (a GPU's TF32 convolutions differ from the CPU's by ~1e-3 SSIM)
