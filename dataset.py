@@ -293,21 +293,32 @@ def _blurred_mask(volume, sigma_mm):
     return mask
 
 
-def align_to_template(volume, template):
-    """The affine (4x4, template world mm -> the volume's world mm) that lays the volume's brain
-    mask over the template's, and the overlap it reaches: the soft Dice of the two blurred masks
-    over the template's with itself (1: the template's own shape). Starts from matching the
-    masks' centres and spreads, then climbs the soft Dice of masks blurred less and less
-    (ALIGN_STEPS). Reads only the masks: any contrast, any scanner, skull-stripped."""
-    brain, template_brain = _brain_world(volume), _brain_world(template)
-    scale = brain.std(0) / template_brain.std(0)
-    linear = torch.diag(scale).requires_grad_()
-    shift = (brain.mean(0) - template_brain.mean(0) * scale).requires_grad_()
-    low, high = template_brain.min(0).values - 10, template_brain.max(0).values + 10
+def alignment_reference(template):
+    """What align_to_template compares every volume with, computed once for all of them: the
+    template brain's centre, spread and box, and for each of ALIGN_STEPS a world grid (mm) with
+    the template's blurred mask sampled on it."""
+    world = _brain_world(template)
+    low, high = world.min(0).values, world.max(0).values
+    levels = []
     for spacing, sigma, steps in ALIGN_STEPS:
-        axes = [torch.arange(start, stop, spacing) for start, stop in zip(low.tolist(), high.tolist())]
+        axes = [torch.arange(start, stop, spacing) for start, stop in zip((low - 10).tolist(), (high + 10).tolist())]
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
-        target = _sample_world(_blurred_mask(template, sigma), template["affine"], grid)[0]
+        levels.append((grid, _sample_world(_blurred_mask(template, sigma), template["affine"], grid)[0], sigma, steps))
+    return {"mean": world.mean(0), "std": world.std(0), "bounds": (low, high), "levels": levels}
+
+
+def align_to_template(volume, reference):
+    """The affine (4x4, template world mm -> the volume's world mm) that lays the volume's brain
+    mask over the template's (`reference`: alignment_reference), and the overlap it reaches: the
+    soft Dice of the two blurred masks over the template's with itself (1: the template's own
+    shape). Starts from matching the masks' centres and spreads, then climbs the soft Dice of
+    masks blurred less and less (ALIGN_STEPS). Reads only the masks: any contrast, any scanner,
+    skull-stripped."""
+    brain = _brain_world(volume)
+    scale = brain.std(0) / reference["std"]
+    linear = torch.diag(scale).requires_grad_()
+    shift = (brain.mean(0) - reference["mean"] * scale).requires_grad_()
+    for grid, target, sigma, steps in reference["levels"]:
         moving = _blurred_mask(volume, sigma)
         optimizer = torch.optim.Adam([{"params": [linear], "lr": 3e-3}, {"params": [shift], "lr": 0.3}])
         for _ in range(steps):
@@ -475,17 +486,15 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
     paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))
     from tqdm import tqdm
     splits = nifti_splits(len(paths), split)
-    template = load_volume(template_path("t1")) if align else None
-    template_world = None if template is None else _brain_world(template)
+    reference = alignment_reference(load_volume(template_path("t1"))) if align else None
     brains, sources = [], {}
     for i, (path, mask) in enumerate(tqdm(list(zip(paths, masks)), desc="reading" + (" and aligning" if align else ""),
                                           unit="volume")):
         volume = load_volume(path, mask_path=mask)
         sources[i + 1] = {"path": path, "split": splits[i]} | ({"mask": mask} if mask else {})
         if align:
-            to_volume, overlap = align_to_template(volume, template)
-            volume["frame"] = {"bounds": (template_world.min(0).values, template_world.max(0).values),
-                               "to_volume": to_volume}
+            to_volume, overlap = align_to_template(volume, reference)
+            volume["frame"] = {"bounds": reference["bounds"], "to_volume": to_volume}
             sources[i + 1]["alignment_overlap"] = round(overlap, 3)
         brains.append((splits[i], i + 1, volume, None))
     return _write_dataset(out_dir, brains, {"kind": "converted NIfTI volumes", "sources": sources})

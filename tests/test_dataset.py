@@ -217,7 +217,8 @@ def test_alignment_recovers_a_known_affine_and_cuts_the_template_planes(tmp_path
     moved_path = tmp_path / "moved.nii.gz"
     nibabel.save(nibabel.Nifti1Image(moved[0].numpy(), affine), str(moved_path))
 
-    to_volume, overlap = dataset.align_to_template(dataset.load_volume(str(moved_path)), template)
+    to_volume, overlap = dataset.align_to_template(dataset.load_volume(str(moved_path)),
+                                                   dataset.alignment_reference(template))
     corners = torch.tensor([[x, y, z, 1.0] for x in (-70, 70) for y in (-100, 70) for z in (-70, 80)])
     assert ((corners @ to_volume.T - corners @ known.T)[:, :3].norm(dim=1).max()) < 3      # mm, on 2-mm voxels
     assert overlap > 0.97
