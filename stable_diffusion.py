@@ -175,8 +175,6 @@ if __name__ == "__main__":
     if checkpoint:
         start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
         train_seconds = checkpoint["train_seconds"]
-    graphs = CUDA_GRAPHS and device.type == "cuda" and world_size == 1
-    util.set_capturable(optimizer, graphs)
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
         if is_main else None
     if is_main:
@@ -197,7 +195,8 @@ if __name__ == "__main__":
             torch._foreach_lerp_(ema_params, unet_params, 1 - EMA_DECAY)
         return {"train_loss": loss.detach()}
 
-    run_step = util.CudaGraphStep(training_step) if graphs else training_step
+    run_step = util.training_step_runner(training_step, [optimizer],
+                                         CUDA_GRAPHS and device.type == "cuda" and world_size == 1)
     span_start, span_latents = time.time(), 0     # throughput over the epochs since the last validation
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)

@@ -116,8 +116,6 @@ if __name__ == "__main__":
     checkpoint = util.resume(path, config, SHAPE_KEYS, {"model": critic, "optimizer": optimizer})
     if checkpoint:
         start_epoch, step, train_seconds = checkpoint["epoch"], checkpoint["step"], checkpoint["train_seconds"]
-    graphs = CUDA_GRAPHS and device.type == "cuda"
-    util.set_capturable(optimizer, graphs)
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None)
     step_values = util.StepValues(log, device, path, "Try a lower LR.")
     print(f"critic {sum(p.numel() for p in critic.parameters()) / 1e6:.2f}M params, {len(train_loader.dataset)} "
@@ -131,7 +129,7 @@ if __name__ == "__main__":
         optimizer.step()
         return {name: value.detach() for name, value in (losses | {"train_loss": loss}).items()}
 
-    run_step = util.CudaGraphStep(training_step) if graphs else training_step
+    run_step = util.training_step_runner(training_step, [optimizer], CUDA_GRAPHS and device.type == "cuda")
     for epoch in range(start_epoch, EPOCHS):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()

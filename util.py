@@ -298,6 +298,16 @@ def set_learning_rate(optimizer, lr):
             group["lr"] = lr
 
 
+def training_step_runner(step, optimizers, graphed):
+    """`step` as a training loop calls it: with `graphed`, replayed as a CUDA graph
+    (CudaGraphStep) and its `optimizers` readied for that (set_capturable; call after any resume,
+    whose load_state_dict brings back the saved settings); else `step` itself, its optimizers
+    plain."""
+    for optimizer in optimizers:
+        set_capturable(optimizer, graphed)
+    return CudaGraphStep(step) if graphed else step
+
+
 class CudaGraphStep:
     """A training step that a CUDA graph replays: forward, backward and optimizer updates launched
     as one graph instead of thousands of kernels issued one by one from Python, which kept the GPU

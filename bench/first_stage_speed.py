@@ -202,12 +202,8 @@ def make_training_step(pair, optimizers, device):
     """training_step on this pair, as a function of (images, zs): replayed as a CUDA graph for a
     `cuda_graph` contestant on a GPU (its first steps eager, then one capture: both inside the
     timed budget)."""
-    step = functools.partial(training_step, pair, optimizers)
-    if not (pair.cuda_graph and device.type == "cuda"):
-        return step
-    for optimizer in optimizers:
-        util.set_capturable(optimizer, True)
-    return util.CudaGraphStep(step)
+    return util.training_step_runner(functools.partial(training_step, pair, optimizers), optimizers,
+                                     pair.cuda_graph and device.type == "cuda")
 
 
 def timed_training(name, lr, train_loader, budget, device):
