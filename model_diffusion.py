@@ -9,9 +9,9 @@ from tqdm import tqdm
 import dataset
 import util
 from model_VAE import VQVAE
-from module import AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, group_norm
+from module import (AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, embed_z, guide, group_norm, hide_z,
+                    with_null_z)
 
-NULL_Z = -1                  # the slice index that means "no z": the U-Net's unconditional branch
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
@@ -39,7 +39,7 @@ class FullResolutionHead(nn.Module):
 
 class LatentUNet(nn.Module):
     """U-Net on first-stage latents. The timestep and the slice index z are embedded (sinusoid +
-    MLP) and summed into one condition vector that every res block receives; z = NULL_Z adds
+    MLP) and summed into one condition vector that every res block receives; z = module.NULL_Z adds
     nothing (trained on a share of the steps, it gives classifier-free guidance its unconditional
     prediction). Per level: res blocks (+ attention at the lowest level); skip connections are
     concatenated on the way up. `patch_size` p > 1 folds each p x p patch of latents into channels
@@ -88,12 +88,11 @@ class LatentUNet(nn.Module):
             if head_channels else None
 
     def forward(self, x, t, z):
-        """Noisy latents (B, C, h, w), timesteps (B,), slice indices (B,) or NULL_Z -> the
+        """Noisy latents (B, C, h, w), timesteps (B,), slice indices (B,) or module.NULL_Z -> the
         prediction (noise or v)."""
         cond = self.time_embedding(t)
         if self.z_embedding is not None:
-            known = (z != NULL_Z)[:, None]
-            cond = cond + self.z_embedding(z.clamp(min=0)) * known
+            cond = cond + embed_z(self.z_embedding, z)
         h = self.conv_in(F.pixel_unshuffle(x, self.patch_size))
         skips = [h]
         for layer in self.down:
@@ -142,9 +141,8 @@ class GaussianDiffusion(nn.Module):
 
     def loss(self, model, x0, z, loss_type="mse", generator=None, z_drop=0.0):
         """Loss on the model's prediction (noise or v) at uniformly drawn timesteps; a share
-        z_drop of the items is told NULL_Z instead of its z (guidance's unconditional branch)."""
-        if z_drop:
-            z = torch.where(torch.rand(len(z), device=z.device, generator=generator) < z_drop, NULL_Z, z)
+        z_drop of the items is told module.NULL_Z instead of its z (guidance's unconditional branch)."""
+        z = hide_z(z, z_drop, generator)
         t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         predicted = model(self.add_noise(x0, t, noise), t, z).float()
@@ -176,9 +174,7 @@ class GaussianDiffusion(nn.Module):
         if guidance == 1.0:
             out = model(x, t, z).float()
         else:
-            conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]),
-                                               torch.cat([z, torch.full_like(z, NULL_Z)])).float().chunk(2)
-            out = unconditional + guidance * (conditional - unconditional)
+            out = guide(model(torch.cat([x, x]), torch.cat([t, t]), with_null_z(z)), guidance)
         if self.prediction == "eps":
             x0 = (x - (1 - abar).sqrt() * out) / abar.sqrt()
         else:

@@ -7,6 +7,7 @@ from torch import nn
 
 import dataset
 import util
+from module import embed_z, guide, with_null_z
 
 NUM_Z = dataset.SLICES_PER_BRAIN
 
@@ -55,6 +56,8 @@ class CodePrior(nn.Module):
     and the patches before i, and predicts patch i's codes one after another, each from the
     transformer's output plus the codes already drawn in its patch (a small residual MLP, like
     RQ-Transformer's depth step).
+    z = module.NULL_Z says nothing of z (a zero start token, no z added): trained on a share of
+    slices (train_viT.py's Z_DROP), it gives classifier-free guidance its unconditional logits.
     patch_size 1 is a plain GPT over codes; 2 on a 32x32 grid runs the transformer over 256
     positions instead of 1,024: a quarter of the tokens and a sixteenth of the attention."""
 
@@ -99,7 +102,7 @@ class CodePrior(nn.Module):
         """The transformer's outputs (B, n, dim) after the tokens (B, n, dim) at positions
         start..start+n-1 of slices z (B,)."""
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.dropout(tokens + self.position_embedding(positions) + self.z_condition(z)[:, None])
+        x = self.dropout(tokens + self.position_embedding(positions) + embed_z(self.z_condition, z)[:, None])
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache)
         return x
@@ -116,7 +119,7 @@ class CodePrior(nn.Module):
     def _patch_logits(self, patches, z):
         """Patches (B, n, codes_per_patch), the first n of a grid, and z (B,) -> their codes' logits."""
         earlier = self.code_embedding(self._place_offsets(patches[:, :-1])).sum(2)
-        tokens = torch.cat([self.z_embedding(z)[:, None], earlier], dim=1)
+        tokens = torch.cat([embed_z(self.z_embedding, z)[:, None], earlier], dim=1)
         return self._code_logits(self._transform(tokens, z, 0, [None] * len(self.blocks)), patches)
 
     def forward(self, codes, z, return_nats_per_code=False):
@@ -131,28 +134,36 @@ class CodePrior(nn.Module):
         return rearrange(logits, "b (h w) (p q) k -> b (h p w q) k", h=self.patches_shape[0], p=self.patch_size)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, top_k=0, use_cache=True):
-        """Code grids (B, h, w) drawn code by code for slice indices z (B,). With the KV cache
-        each patch costs one position's work; without it (the original's way, kept to check and
-        time the cache against) each code costs a forward pass over all patches drawn before it."""
+    def sample(self, z, temperature=1.0, top_k=0, guidance=1.0, use_cache=True):
+        """Code grids (B, h, w) drawn code by code for slice indices z (B,). guidance w != 1:
+        classifier-free guidance, each code's unconditional logits moved w times the way z moves
+        them (both in one batch). With the KV cache each patch costs one position's work; without
+        it (the original's way, kept to check and time the cache against) each code costs a
+        forward pass over all patches drawn before it."""
+        guided = guidance != 1.0
+        z_in = with_null_z(z) if guided else z      # the batch the transformer reads
+
+        def doubled(codes):
+            return torch.cat([codes, codes]) if guided else codes
+
         caches = [{} for _ in self.blocks]
-        token = self.z_embedding(z)[:, None]
+        token = embed_z(self.z_embedding, z_in)[:, None]
         patches = z.new_zeros(len(z), 0, self.codes_per_patch)
         for position in range(self.sequence_length):
             patch = z.new_zeros(len(z), 1, self.codes_per_patch)     # codes not yet drawn are not read
-            x = self._transform(token, z, position, caches) if use_cache else None
+            x = self._transform(token, z_in, position, caches) if use_cache else None
             for place in range(self.codes_per_patch):
                 if use_cache:
-                    logits = self._code_logits(x, patch)[:, -1, place]
+                    logits = self._code_logits(x, doubled(patch))[:, -1, place]
                 else:
-                    logits = self._patch_logits(torch.cat([patches, patch], dim=1), z)[:, -1, place]
-                logits = logits.float() / temperature
+                    logits = self._patch_logits(doubled(torch.cat([patches, patch], dim=1)), z_in)[:, -1, place]
+                logits = (guide(logits, guidance) if guided else logits.float()) / temperature
                 if top_k:
                     threshold = logits.topk(top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < threshold, float("-inf"))
                 patch[:, 0, place] = torch.multinomial(logits.softmax(-1), 1)[:, 0]
             patches = torch.cat([patches, patch], dim=1)
-            token = self.code_embedding(self._place_offsets(patch)).sum(2)
+            token = self.code_embedding(self._place_offsets(doubled(patch))).sum(2)
         return rearrange(patches, "b (h w) (p q) -> b (h p) (w q)", h=self.patches_shape[0], p=self.patch_size)
 
 
@@ -173,6 +184,13 @@ def prior_args(config, num_codes, grid_shape):
     if not config["TOP_KS"] or not all(0 <= k <= num_codes for k in config["TOP_KS"]):
         raise util.UserError(f"TOP_KS must hold values between 0 (all codes) and the first stage's {num_codes} "
                              f"codes, got {config['TOP_KS']}")
+    if not 0 <= config["Z_DROP"] < 1:
+        raise util.UserError(f"Z_DROP must be in [0, 1) (the share of training slices told no z), got {config['Z_DROP']}")
+    if not config["GUIDANCE_SCALES"] or min(config["GUIDANCE_SCALES"]) < 0:
+        raise util.UserError(f"GUIDANCE_SCALES must hold scales >= 0 (1 = no guidance), got {config['GUIDANCE_SCALES']}")
+    if set(config["GUIDANCE_SCALES"]) != {1.0} and not config["Z_DROP"]:
+        raise util.UserError(f"GUIDANCE_SCALES {config['GUIDANCE_SCALES']} need an unconditional branch: Z_DROP > 0 "
+                             f"(e.g. 0.1), or GUIDANCE_SCALES=(1.0,)")
     return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
                 num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
                 dropout=config["DROPOUT"], patch_size=patch_size)
@@ -193,8 +211,8 @@ def nats_per_code(logits, codes):
 
 
 @torch.no_grad()
-def sample_volumes(prior, first_stage, device, volumes=1, temperature=1.0, top_k=0):
+def sample_volumes(prior, first_stage, device, volumes=1, temperature=1.0, top_k=0, guidance=1.0):
     """`volumes` x 32 slices (z = 0..31) drawn by the prior and decoded: (volumes * 32, 1, H, W).
     Each slice is drawn on its own, so a volume's slices are not one brain."""
     z = torch.arange(NUM_Z, device=device).repeat(volumes)
-    return first_stage.decode_indices(prior.sample(z, temperature, top_k), z)
+    return first_stage.decode_indices(prior.sample(z, temperature, top_k, guidance), z)

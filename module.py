@@ -1,6 +1,6 @@
-"""Network building blocks shared by the first-stage autoencoders, the discriminator and the
-latent diffusion U-Net: condition embedding, res block, attention, resampling, and a vector
-quantizer that keeps its whole codebook in use."""
+"""Network building blocks shared by the first-stage autoencoders, the discriminator, the
+transformer prior and the latent diffusion U-Net: condition embedding, res block, attention,
+resampling, classifier-free guidance on z, and a vector quantizer that keeps its whole codebook in use."""
 import math
 
 import torch
@@ -30,6 +30,35 @@ def group_norm(channels):
     """GroupNorm with 32 groups, or the largest divisor of `channels` below that."""
     groups = max(g for g in range(1, 33) if channels % g == 0)
     return GroupNorm(groups, channels, eps=1e-6)
+
+
+NULL_Z = -1                  # the slice index that means "no z": a second stage's unconditional branch
+
+
+def hide_z(z, share, generator=None):
+    """Slice indices z (B,) with a random `share` of them replaced by NULL_Z: trained on those, a
+    model learns the unconditional prediction that classifier-free guidance (Ho & Salimans 2022)
+    moves away from."""
+    if not share:
+        return z
+    return torch.where(torch.rand(len(z), device=z.device, generator=generator) < share, NULL_Z, z)
+
+
+def embed_z(embedding, z):
+    """embedding(z) for slice indices z (B,), zero where z is NULL_Z (nothing is said of z)."""
+    return embedding(z.clamp(min=0)) * (z != NULL_Z)[:, None]
+
+
+def with_null_z(z):
+    """z (B,) followed by as many NULL_Z: one batch for guidance's conditional and unconditional passes."""
+    return torch.cat([z, torch.full_like(z, NULL_Z)])
+
+
+def guide(outputs, scale):
+    """Classifier-free guidance: a model's outputs on a with_null_z batch (2B, ...) -> the
+    unconditional ones moved `scale` times the way z moves them (B, ...), in fp32."""
+    conditional, unconditional = outputs.float().chunk(2)
+    return unconditional + scale * (conditional - unconditional)
 
 
 class ConditionEmbedding(nn.Module):

@@ -49,7 +49,7 @@ HEAD_CHANNELS = 16           # PATCH_SIZE > 1: a res block of this width at the 
 RES_BLOCKS = 1               # res blocks per level (the up path has one more, for the skips)
 ATTENTION = True             # self-attention at the lowest level and in the middle
 Z_CONDITIONING = True        # embed the slice index z into every res block
-Z_DROP = 0.1                 # share of training latents told no z (model_diffusion.NULL_Z): the unconditional
+Z_DROP = 0.1                 # share of training latents told no z (module.NULL_Z): the unconditional
                              # branch that classifier-free guidance needs
 GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # guidance scales tried after training (1 = plain conditional) ...
 SNAP_TEMPERATURES = (0.0, 1.0, 2.0, 3.0)   # ... each with these snap temperatures (VQVAE: each sampled vector

@@ -9,10 +9,11 @@ start token made from z, so the logits at position i predict code i from z and c
 Training minimises cross-entropy on collected_latents/<FIRST_STAGE>_train.pt; each epoch logs,
 scores the validate split (nats per code), saves model_ckpt/<run>_{last,best}.pt and a grid of
 32 sampled slices (z = 0..31) decoded by the first stage to visualize/. Re-running resumes.
-At the end the best epoch's sampling temperature and top-k are chosen on validate by the
-realism metrics (stored in its checkpoint for predict.py); it is scored once on the test split,
-next to the per-position code histogram the first stage samples from (smoothed with the
-pseudo-count that scores best on validate), and log/<run>_summary.json is written.
+A share Z_DROP of the training slices is told no z, so that sampling can use classifier-free
+guidance on z. At the end the best epoch's sampling temperature, top-k and guidance scale are
+chosen on validate by the realism metrics (stored in its checkpoint for predict.py); it is scored
+once on the test split, next to the per-position code histogram the first stage samples from
+(smoothed with the pseudo-count that scores best on validate), and log/<run>_summary.json is written.
 """
 import json
 import math
@@ -30,7 +31,7 @@ from latent_dataset import load_latents
 from logger import TrainingLog
 from model_prior import CodePrior, prior_args, sample_volumes
 from model_VAE import load_first_stage
-from module import code_counts_per_position
+from module import code_counts_per_position, hide_z
 
 # ----------------------------------------------------------------------------- config (CPU preset)
 FIRST_STAGE = "vqvae"        # run name of the VQVAE whose codes are modelled
@@ -41,16 +42,19 @@ N_EMBD = 128                 # the original: 2 layers, width 32, 2 heads
 PATCH_SIZE = 2               # codes read p x p at a time: each transformer position predicts a patch, code by code
                              # (2 on the 32x32 grid: 256 positions instead of 1,024; the GPU preset's 16x16: 1)
 DROPOUT = 0.1
-EPOCHS = 4                   # ~42 s each here; the validation loss still falls at 6 (3.34 -> 3.21 nats/code)
+Z_DROP = 0.1                 # share of training slices told no z (module.NULL_Z): the unconditional
+                             # branch that classifier-free guidance needs
+EPOCHS = 6                   # ~42 s each here; validate 3.32 nats/code after 4 epochs, 3.00 after 6
 BATCH_SIZE = 32              # per process
 LR = 1e-3
 MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
 WEIGHT_DECAY = 0.1
-TEMPERATURES = (1.0, 0.9)    # sampling: softmax temperatures tried ...
-TOP_KS = (0, 64)             # ... with keeping the k likeliest codes at each step (0 = all); after training
-                             # the pair whose samples score best on validate (realism.choose_setting, brain
-                             # critic needed) goes into the best checkpoint for predict.py; one pair: no search
-SWEEP_VOLUMES = 4            # volumes sampled per pair for that choice
+TEMPERATURES = (1.0,)        # sampling: softmax temperatures tried (0.9 never won on the 32x32 grid) ...
+TOP_KS = (0, 64)             # ... with keeping the k likeliest codes at each step (0 = all) ...
+GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # ... and guidance scales (1 = plain conditional); after training the
+                             # setting whose samples score best on validate (realism.choose_setting, brain
+                             # critic needed) goes into the best checkpoint for predict.py; one setting: no search
+SWEEP_VOLUMES = 4            # volumes sampled per setting for that choice
 GRID_EVERY = 3               # epochs between sample grids (32 slices, ~4 s here), and one of the best at the end
 HISTOGRAM_PSEUDO_COUNTS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)   # the histogram baseline's smoothing,
                              # the one best on validate (add-one overstated the prior's lead by ~20%)
@@ -99,9 +103,10 @@ def evaluate(prior, loader, device):
 
 
 def choose_sampling(prior, first_stage, first_stage_config, device):
-    """The {"temperature", "top_k"} of TEMPERATURES x TOP_KS whose samples score best on the
-    validate brains (realism.choose_on_validate), and the scored rows."""
-    settings = [{"temperature": t, "top_k": k} for t in TEMPERATURES for k in TOP_KS]
+    """The {"temperature", "top_k", "guidance"} of TEMPERATURES x TOP_KS x GUIDANCE_SCALES whose
+    samples score best on the validate brains (realism.choose_on_validate), and the scored rows."""
+    settings = [{"temperature": t, "top_k": k, "guidance": g} for t in TEMPERATURES for k in TOP_KS
+                for g in GUIDANCE_SCALES]
     return realism.choose_on_validate(lambda setting: sample_volumes(prior, first_stage, device, SWEEP_VOLUMES, **setting),
                                       settings, first_stage_config, CKPT_DIR, device, SEED)
 
@@ -150,7 +155,7 @@ if __name__ == "__main__":
 
     def training_step(codes, z):
         with util.autocast(device, amp_dtype):
-            loss = model(codes, z, return_nats_per_code=True)
+            loss = model(codes, hide_z(z, Z_DROP), return_nats_per_code=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
@@ -203,7 +208,8 @@ if __name__ == "__main__":
         sampling, search = choose_sampling(prior, first_stage, train["config"], device)
         best["sampling"] = sampling        # what predict.py samples with
         util.save_checkpoint(best, best_path)
-        print(f"sampling chosen on validate: temperature {sampling['temperature']}, top-k {sampling['top_k']} "
+        print(f"sampling chosen on validate: temperature {sampling['temperature']}, top-k {sampling['top_k']}, "
+              f"guidance {sampling['guidance']} "
               f"({len(search)} pairs scored in {time.time() - search_start:.0f} s)")
         test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
         test_loader = util.make_loader(torch.utils.data.TensorDataset(test["indices"], test["z"]), 64, shuffle=False)

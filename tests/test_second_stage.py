@@ -19,10 +19,11 @@ import dataset
 import util
 from conftest import assert_within_eager_spread
 from logger import read_log
-from model_diffusion import NULL_Z, GaussianDiffusion, LatentUNet, diffusion_latents, load_diffusion
+from model_diffusion import GaussianDiffusion, LatentUNet, diffusion_latents, load_diffusion
 from realism import METRICS
 from model_prior import CodePrior, load_prior, nats_per_code
 from model_VAE import load_first_stage
+from module import NULL_Z, hide_z
 from train_viT import histogram_baseline
 from test_dataset import write_small_volume
 
@@ -40,7 +41,8 @@ TINY_PREDICT = ["--VOLUMES=2", "--TSNE_POINTS=64", "--DDPM_STEPS=100"]
 # a code a position on the tiny 8x8 grid, for which the margins below were set (the defaults' 2x2
 # patches run in test_torchrun_two_processes and in the models' own tests)
 TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3",
-              "--SWEEP_VOLUMES=2", "--TOP_KS=(0, 8)", "--PATCH_SIZE=1", "--USE_BF16=False"]     # fp32, as TINY_FIRST_STAGE
+              "--SWEEP_VOLUMES=2", "--TEMPERATURES=(1.0,)", "--TOP_KS=(0, 8)", "--GUIDANCE_SCALES=(1.0, 2.0)",
+              "--PATCH_SIZE=1", "--USE_BF16=False"]     # fp32, as TINY_FIRST_STAGE
 TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5",
                   "--SWEEP_VOLUMES=2", "--PATCH_SIZE=1", "--USE_BF16=False"]
 
@@ -57,7 +59,7 @@ def assert_bf16_by_default(summary_path):
 
 
 # runs whose CKPT_DIR holds no brain critic sample with one setting, which needs no search on validate
-NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_KS=(0,)"],
+NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_KS=(0,)", "--GUIDANCE_SCALES=(1.0,)"],
              "stable_diffusion.py": ["--GUIDANCE_SCALES=(1.0,)", "--SNAP_TEMPERATURES=(0.0,)"]}
 
 
@@ -162,17 +164,17 @@ def test_training_loss_is_each_codes_negative_log_likelihood(grid_shape, patch_s
                                                                              abs=1e-6)
 
 
-@pytest.mark.parametrize("grid_shape, patch_size", [((3, 4), 1), ((4, 6), 2)])
-def test_cached_sampling_follows_the_full_forward_pass(grid_shape, patch_size):
+@pytest.mark.parametrize("grid_shape, patch_size, guidance", [((3, 4), 1, 1.0), ((4, 6), 2, 1.0), ((4, 6), 2, 2.5)])
+def test_cached_sampling_follows_the_full_forward_pass(grid_shape, patch_size, guidance):
     """Sampling with the KV cache must draw what full forward passes over the codes drawn so
-    far draw from the same random stream."""
+    far draw from the same random stream, guided or not."""
     prior = tiny_prior(grid_shape, patch_size=patch_size)
     z = torch.tensor([0, 5, 31])
     torch.manual_seed(1)
-    drawn = prior.sample(z, temperature=1.0)
+    drawn = prior.sample(z, temperature=1.0, guidance=guidance)
     assert drawn.shape == (3,) + grid_shape and drawn.dtype == torch.long
     torch.manual_seed(1)
-    assert torch.equal(drawn, prior.sample(z, temperature=1.0, use_cache=False))
+    assert torch.equal(drawn, prior.sample(z, temperature=1.0, guidance=guidance, use_cache=False))
 
 
 def test_histogram_baseline_smooths_with_the_pseudo_count_best_on_validate():
@@ -195,6 +197,22 @@ def test_top_k_one_is_greedy(grid_shape, patch_size):
     greedy = prior.sample(z, top_k=1)
     logits = prior(greedy, z)
     assert torch.equal(logits.argmax(-1), greedy.flatten(1))
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_guided_greedy_draws_follow_the_guidance_formula(guidance):
+    """Guided greedy draws are the argmax of u + w (c - u), with c the forward pass's logits
+    given z and u those given NULL_Z (no z: the start token and every position's z term are
+    zero); w = 0 is the unconditional model, which draws the same grid whatever z is asked for."""
+    prior = tiny_prior((4, 6), patch_size=2)
+    z = torch.tensor([2, 9])
+    greedy = prior.sample(z, top_k=1, guidance=guidance)
+    conditional, unconditional = prior(greedy, z), prior(greedy, torch.full_like(z, NULL_Z))
+    assert not torch.allclose(conditional, unconditional, atol=1e-4)      # z matters to this prior
+    guided = unconditional + guidance * (conditional - unconditional)
+    assert torch.equal(guided.argmax(-1), greedy.flatten(1))
+    if guidance == 0.0:
+        assert torch.equal(greedy[0], greedy[1])
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -253,6 +271,17 @@ def test_null_z_drops_the_condition_and_guidance_extrapolates_from_it():
     assert not torch.allclose(conditional_x0, unconditional_x0, atol=1e-3)
     # x_0 is affine in the prediction, so guidance extrapolates x_0 the same way
     assert torch.allclose(guided_x0, unconditional_x0 + 2.5 * (conditional_x0 - unconditional_x0), atol=1e-5)
+
+
+def test_hide_z_hides_its_share_and_keeps_the_rest():
+    """Both second stages train their unconditional branch on slices whose z hide_z replaced by
+    NULL_Z: about `share` of them, the others untouched; share 0 hides nothing."""
+    z = torch.arange(20_000) % 32
+    hidden = hide_z(z, 0.25, torch.Generator().manual_seed(0))
+    told = hidden != NULL_Z
+    assert abs((~told).float().mean().item() - 0.25) < 0.01
+    assert torch.equal(hidden[told], z[told])
+    assert torch.equal(hide_z(z, 0.0), z)
 
 
 def test_noise_schedule_matches_ddpm_formulas():
@@ -380,13 +409,17 @@ def test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises
     test = util.load_checkpoint(str(first_stage_dir / "latents" / "vqvae_test.pt"))
     codes, z = test["indices"], test["z"]
     with torch.no_grad():
-        told = {"true": (codes, z), "other context": (codes.roll(16, 0), z), "other z": (codes, (z + 16) % 32)}
+        told = {"true": (codes, z), "other context": (codes.roll(16, 0), z), "other z": (codes, (z + 16) % 32),
+                "no z": (codes, torch.full_like(z, NULL_Z))}
         nats = {name: nats_per_code(prior(context, zs), codes).item() for name, (context, zs) in told.items()}
         first_row = {name: nats_per_code(prior(context, zs)[:, :codes.shape[2]], codes[:, :1]).item()
                      for name, (context, zs) in told.items()}
     assert nats["true"] == pytest.approx(summary["test_nats_per_code"], abs=1e-5)
     assert nats["other context"] > nats["true"] + 0.5                       # +1.08
     assert first_row["other z"] > first_row["true"] + 0.1                   # +0.30 (over all codes: +0.05)
+    # told no z (guidance's unconditional branch), the prior hedges between the slices: worse than
+    # told the right z, better than told a wrong one (1.30 < 1.51 < 1.71 nats)
+    assert first_row["true"] + 0.1 < first_row["no z"] < first_row["other z"] - 0.1
 
 
 def test_prior_refuses_vae_latents(first_stage_dir, tmp_path):

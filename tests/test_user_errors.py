@@ -179,6 +179,10 @@ def test_prior_rules():
                              ({"DROPOUT": 1.0}, r"DROPOUT must be in \[0, 1\)"),
                              ({"TEMPERATURES": (1.0, 0.0)}, "TEMPERATURES must hold temperatures above 0"),
                              ({"TOP_KS": (0, 33)}, r"TOP_KS must hold values between 0 .* 32 codes, got \(0, 33\)"),
+                             ({"Z_DROP": 1.0, "TOP_KS": (0,)}, r"Z_DROP must be in \[0, 1\) .* got 1.0"),
+                             ({"GUIDANCE_SCALES": (1.0, -1.0), "TOP_KS": (0,)}, r"GUIDANCE_SCALES must hold scales >= 0"),
+                             ({"Z_DROP": 0.0, "TOP_KS": (0,)}, r"GUIDANCE_SCALES \(1.0, 2.0, 3.0\) need an unconditional "
+                                                               r"branch: Z_DROP > 0"),
                              ({"PATCH_SIZE": 3}, "PATCH_SIZE=3 must divide the first stage's code grid, 4x4")]:
         with pytest.raises(util.UserError, match=message):
             model_prior.prior_args(dict(PRIOR_CONFIG, **changes), 32, (4, 4))
