@@ -184,13 +184,7 @@ def prior_args(config, num_codes, grid_shape):
     if not config["TOP_KS"] or not all(0 <= k <= num_codes for k in config["TOP_KS"]):
         raise util.UserError(f"TOP_KS must hold values between 0 (all codes) and the first stage's {num_codes} "
                              f"codes, got {config['TOP_KS']}")
-    if not 0 <= config["Z_DROP"] < 1:
-        raise util.UserError(f"Z_DROP must be in [0, 1) (the share of training slices told no z), got {config['Z_DROP']}")
-    if not config["GUIDANCE_SCALES"] or min(config["GUIDANCE_SCALES"]) < 0:
-        raise util.UserError(f"GUIDANCE_SCALES must hold scales >= 0 (1 = no guidance), got {config['GUIDANCE_SCALES']}")
-    if set(config["GUIDANCE_SCALES"]) != {1.0} and not config["Z_DROP"]:
-        raise util.UserError(f"GUIDANCE_SCALES {config['GUIDANCE_SCALES']} need an unconditional branch: Z_DROP > 0 "
-                             f"(e.g. 0.1), or GUIDANCE_SCALES=(1.0,)")
+    util.check_guidance(config)
     return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
                 num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
                 dropout=config["DROPOUT"], patch_size=patch_size)

@@ -127,13 +127,7 @@ if __name__ == "__main__":
         raise util.UserError(f"LOSS must be 'mse' or 'l1', got {LOSS!r}")
     if not 0 <= EMA_DECAY < 1:
         raise util.UserError(f"EMA_DECAY must be in [0, 1), got {EMA_DECAY}")
-    if not 0 <= Z_DROP < 1:
-        raise util.UserError(f"Z_DROP must be in [0, 1), got {Z_DROP}")
-    if not GUIDANCE_SCALES or min(GUIDANCE_SCALES) < 0:
-        raise util.UserError(f"GUIDANCE_SCALES must hold scales >= 0 (1 = no guidance), got {GUIDANCE_SCALES}")
-    if set(GUIDANCE_SCALES) != {1.0} and not (Z_CONDITIONING and Z_DROP > 0):
-        raise util.UserError(f"GUIDANCE_SCALES {GUIDANCE_SCALES} need an unconditional branch: Z_CONDITIONING=True "
-                             f"and Z_DROP > 0 (e.g. 0.1), or GUIDANCE_SCALES=(1.0,)")
+    util.check_guidance(config)
     if not SNAP_TEMPERATURES or min(SNAP_TEMPERATURES) < 0:
         raise util.UserError(f"SNAP_TEMPERATURES must hold temperatures >= 0 (0 = nearest code), got "
                              f"{SNAP_TEMPERATURES}")

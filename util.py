@@ -512,6 +512,22 @@ def checked_patch_size(config, grid_shape, grid_name):
     return patch
 
 
+def check_guidance(config):
+    """A second stage's classifier-free guidance constants: Z_DROP a share in [0, 1), GUIDANCE_SCALES
+    scales >= 0, and a scale other than 1 only with an unconditional branch to guide from (slices
+    told no z, and for a script with Z_CONDITIONING, z read at all)."""
+    z_drop, scales = config["Z_DROP"], config["GUIDANCE_SCALES"]
+    if not 0 <= z_drop < 1:
+        raise UserError(f"Z_DROP must be in [0, 1) (the share of training items told no z), got {z_drop}")
+    if not scales or min(scales) < 0:
+        raise UserError(f"GUIDANCE_SCALES must hold scales >= 0 (1 = no guidance), got {scales}")
+    conditioned = config.get("Z_CONDITIONING", True)
+    if set(scales) != {1.0} and not (conditioned and z_drop > 0):
+        needed = ("Z_CONDITIONING=True and " if "Z_CONDITIONING" in config else "") + "Z_DROP > 0"
+        raise UserError(f"GUIDANCE_SCALES {scales} need an unconditional branch: {needed} (e.g. 0.1), "
+                        f"or GUIDANCE_SCALES=(1.0,)")
+
+
 def checked_channel_mults(config):
     """config["CHANNEL_MULTS"], or a UserError unless it is a non-empty tuple of positive integers."""
     mults = config["CHANNEL_MULTS"]
