@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 import util
 
@@ -258,10 +259,16 @@ def _smooth_field(rng, control_points, channels, scale, coords):
     return values.reshape(channels, *coords.shape[:-1]).movedim(0, -1)
 
 
+def _brain_mask(volume):
+    """A volume's brain voxels (X, Y, Z): intensity above 0.05 (masked and skull-stripped
+    volumes are 0 outside the brain)."""
+    return volume["data"][0] > 0.05
+
+
 def _brain_world(volume):
-    """The world positions (mm, (N, 3)) of a volume's brain voxels (intensity above 0.05)."""
+    """The world positions (mm, (N, 3)) of a volume's brain voxels."""
     affine = torch.from_numpy(volume["affine"]).float()
-    voxels = torch.nonzero(volume["data"][0] > 0.05).float()
+    voxels = torch.nonzero(_brain_mask(volume)).float()
     return voxels @ affine[:3, :3].T + affine[:3, 3]
 
 
@@ -279,17 +286,16 @@ def _sample_world(data, affine, points):
 def _blurred_mask(volume, sigma_mm):
     """The volume's brain mask (1, X, Y, Z), blurred by a Gaussian of `sigma_mm`: a smooth
     landscape for the alignment to climb."""
-    mask = (volume["data"][:1] > 0.05).float()
+    mask = _brain_mask(volume)[None].float()
     voxel_mm = np.sqrt((np.asarray(volume["affine"])[:3, :3] ** 2).sum(0))
     for axis in range(3):
         sigma = max(sigma_mm / voxel_mm[axis], 0.5)
         radius = math.ceil(2 * sigma)
-        taps = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * sigma ** 2))
         shape, padding = [1, 1, 1, 1, 1], [0] * 6
         shape[2 + axis] = -1
         padding[4 - 2 * axis] = padding[5 - 2 * axis] = radius       # F.pad counts axes from the last
         mask = torch.nn.functional.conv3d(torch.nn.functional.pad(mask[None], padding),
-                                          (taps / taps.sum()).view(shape))[0]
+                                          util.gaussian_taps(sigma, radius).view(shape))[0]
     return mask
 
 
@@ -411,7 +417,6 @@ def _write_dataset(out_dir, brains, info):
     """Write (split, brain_id, volume, rng) brains into a temporary folder and rename it to
     `out_dir` at the end, so an interrupted build never looks finished. An existing `out_dir`
     is replaced only when this function wrote it (it holds dataset_info.json)."""
-    from tqdm import tqdm
     if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
         raise util.UserError(f"{out_dir} exists and was not written by dataset.py (no dataset_info.json); "
                              f"choose a new folder (NIFTI_OUT_DIR) rather than overwrite it")
@@ -484,7 +489,6 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
         raise util.UserError(f"NIFTI_MASK_FILES matched {len(mask_paths)} file(s) for {len(paths)} volume(s); "
                              f"give one brain mask per volume, in the order of NIFTI_FILES")
     paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))
-    from tqdm import tqdm
     splits = nifti_splits(len(paths), split)
     reference = alignment_reference(load_volume(template_path("t1"))) if align else None
     brains, sources = [], {}

@@ -61,8 +61,7 @@ LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 def gaussian_blur(images, sigma):
     """Gaussian blur of (B, 1, H, W) images, reflecting at the border (the known-bad control)."""
     radius = math.ceil(3 * sigma)
-    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
-    taps = (taps / taps.sum()).to(images)
+    taps = util.gaussian_taps(sigma, radius).to(images)
     padded = F.pad(images, (radius,) * 4, mode="reflect")
     return F.conv2d(F.conv2d(padded, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
 

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 
-# ----------------------------------------------------------------------------- SSIM
+# ----------------------------------------------------------------------------- Gaussian windows, SSIM
+def gaussian_taps(sigma, radius):
+    """The normalised 1-D Gaussian of std `sigma` (in taps) at offsets -radius..radius (float32):
+    one pass of a separable blur."""
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    return taps / taps.sum()
+
+
 def gaussian_band(size, window_size=11, sigma=1.5):
     """(size, size) matrix B with B @ column = the normalised 1-D Gaussian window's mean around
     each entry, zero padding included (rows near the border just lose the taps outside). The
