@@ -10,7 +10,8 @@ from torch import nn
 
 import dataset
 import util
-from module import AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, VectorQuantizer, group_norm
+from module import (AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, VectorQuantizer, group_norm,
+                    volume_noise)
 
 NUM_Z = dataset.SLICES_PER_BRAIN
 
@@ -200,9 +201,8 @@ class VQVAE(Autoencoder):
         draws."""
         batch, _, height, width = latents.shape
         uniforms = None
-        if noise_groups and temperature > 0:  # the nearest code needs no draw (and takes no RNG)
-            uniforms = torch.rand(noise_groups, 1, height * width, device=latents.device).expand(
-                noise_groups, batch // noise_groups, height * width).flatten()
+        if temperature > 0:  # the nearest code needs no draw (and takes no RNG)
+            uniforms = volume_noise(torch.rand, (batch, height * width), noise_groups, latents.device).flatten()
         indices = self.quantizer.draw_code(rearrange(latents, "b d h w -> (b h w) d"), temperature, uniforms)
         return self.quantizer.embed_indices(indices.view(batch, height, width))
 

@@ -10,7 +10,7 @@ import dataset
 import util
 from model_VAE import VQVAE
 from module import (AttentionBlock, ConditionEmbedding, Downsample, ResBlock, Upsample, embed_z, guide, group_norm, hide_z,
-                    with_null_z)
+                    volume_noise, with_null_z)
 
 NUM_Z = dataset.SLICES_PER_BRAIN
 
@@ -153,15 +153,6 @@ class GaussianDiffusion(nn.Module):
             target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return F.mse_loss(predicted, target) if loss_type == "mse" else F.l1_loss(predicted, target)
 
-    @staticmethod
-    def _noise(shape, noise_groups, device):
-        """Gaussian noise of `shape`; with noise_groups = G > 0 the batch is G equal runs (volumes)
-        one after another, and every item of a run gets the same noise."""
-        if not noise_groups:
-            return torch.randn(shape, device=device)
-        noise = torch.randn((noise_groups, 1) + tuple(shape[1:]), device=device)
-        return noise.expand((noise_groups, shape[0] // noise_groups) + tuple(shape[1:])).reshape(shape)
-
     def _spaced_timesteps(self, steps, device=None):
         """`steps` timesteps from num_timesteps - 1 down to 0, evenly spaced (both samplers' schedule)."""
         return torch.linspace(self.num_timesteps - 1, 0, steps, device=device).round().long()
@@ -196,7 +187,7 @@ class GaussianDiffusion(nn.Module):
         timesteps = self._spaced_timesteps(steps, z.device)
         abars = self.alphas_cumprod[timesteps]
         abars_previous = torch.cat([abars[1:], abars.new_ones(1)])
-        x = self._noise(shape, noise_groups, z.device)
+        x = volume_noise(torch.randn, shape, noise_groups, z.device)
         states = [x] if keep_every else []
         for i in tqdm(range(steps), desc=f"DDPM-{steps}", leave=False, disable=not progress):
             t = timesteps[i].expand(shape[0])
@@ -206,7 +197,7 @@ class GaussianDiffusion(nn.Module):
             x = (beta * abar_previous.sqrt() * x0 + (1 - abar_previous) * (1 - beta).sqrt() * x) / (1 - abar)
             if i < steps - 1:
                 variance = beta * (1 - abar_previous) / (1 - abar)
-                x = x + variance.sqrt() * self._noise(shape, noise_groups, z.device)
+                x = x + variance.sqrt() * volume_noise(torch.randn, shape, noise_groups, z.device)
             if keep_every and (steps - 1 - i) % keep_every == 0:
                 states.append(x)
         return x, states
@@ -215,7 +206,7 @@ class GaussianDiffusion(nn.Module):
     def sample_ddim(self, model, shape, z, steps=50, x0_bound=None, noise_groups=0, guidance=1.0):
         """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps; `noise_groups` and
         `guidance` as in sample_ddpm."""
-        x = self._noise(shape, noise_groups, z.device)
+        x = volume_noise(torch.randn, shape, noise_groups, z.device)
         timesteps = self._spaced_timesteps(steps).tolist()
         for i, current in enumerate(timesteps):
             t = torch.full((shape[0],), current, device=z.device, dtype=torch.long)

@@ -7,7 +7,7 @@ from torch import nn
 
 import dataset
 import util
-from module import embed_z, guide, with_null_z
+from module import embed_z, guide, volume_noise, with_null_z
 
 NUM_Z = dataset.SLICES_PER_BRAIN
 
@@ -134,12 +134,15 @@ class CodePrior(nn.Module):
         return rearrange(logits, "b (h w) (p q) k -> b (h p w q) k", h=self.patches_shape[0], p=self.patch_size)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, top_k=0, guidance=1.0, use_cache=True):
+    def sample(self, z, temperature=1.0, top_k=0, guidance=1.0, use_cache=True, noise_groups=0):
         """Code grids (B, h, w) drawn code by code for slice indices z (B,). guidance w != 1:
         classifier-free guidance, each code's unconditional logits moved w times the way z moves
-        them (both in one batch). With the KV cache each patch costs one position's work; without
-        it (the original's way, kept to check and time the cache against) each code costs a
-        forward pass over all patches drawn before it."""
+        them (both in one batch). Each code is the argmax of its logits plus Gumbel noise (an exact
+        draw from their softmax); `noise_groups` = G: the batch is G volumes one after another
+        whose slices share that noise, so that neighbouring slices, whose laws are alike, draw
+        alike codes (as the diffusion's share their noise); 0: independent draws. With the KV
+        cache each patch costs one position's work; without it (the original's way, kept to check
+        and time the cache against) each code costs a forward pass over all patches drawn before it."""
         guided = guidance != 1.0
         z_in = with_null_z(z) if guided else z      # the batch the transformer reads
 
@@ -161,7 +164,9 @@ class CodePrior(nn.Module):
                 if top_k:
                     threshold = logits.topk(top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < threshold, float("-inf"))
-                patch[:, 0, place] = torch.multinomial(logits.softmax(-1), 1)[:, 0]
+                uniforms = volume_noise(torch.rand, logits.shape, noise_groups, logits.device)
+                gumbel = -torch.log(-torch.log(uniforms.clamp(min=torch.finfo(uniforms.dtype).tiny)))
+                patch[:, 0, place] = (logits + gumbel).argmax(-1)
             patches = torch.cat([patches, patch], dim=1)
             token = self.code_embedding(self._place_offsets(doubled(patch))).sum(2)
         return rearrange(patches, "b (h w) (p q) -> b (h p) (w q)", h=self.patches_shape[0], p=self.patch_size)
@@ -206,7 +211,7 @@ def nats_per_code(logits, codes):
 
 @torch.no_grad()
 def sample_volumes(prior, first_stage, device, volumes=1, temperature=1.0, top_k=0, guidance=1.0):
-    """`volumes` x 32 slices (z = 0..31) drawn by the prior and decoded: (volumes * 32, 1, H, W).
-    Each slice is drawn on its own, so a volume's slices are not one brain."""
+    """`volumes` x 32 slices (z = 0..31) drawn by the prior and decoded: (volumes * 32, 1, H, W),
+    each volume's slices sharing their sampling noise (CodePrior.sample's noise_groups)."""
     z = torch.arange(NUM_Z, device=device).repeat(volumes)
-    return first_stage.decode_indices(prior.sample(z, temperature, top_k, guidance), z)
+    return first_stage.decode_indices(prior.sample(z, temperature, top_k, guidance, noise_groups=volumes), z)

@@ -1,6 +1,7 @@
 """Network building blocks shared by the first-stage autoencoders, the discriminator, the
 transformer prior and the latent diffusion U-Net: condition embedding, res block, attention,
-resampling, classifier-free guidance on z, and a vector quantizer that keeps its whole codebook in use."""
+resampling, classifier-free guidance on z, noise shared by a volume's slices, and a vector
+quantizer that keeps its whole codebook in use."""
 import math
 
 import torch
@@ -59,6 +60,17 @@ def guide(outputs, scale):
     unconditional ones moved `scale` times the way z moves them (B, ...), in fp32."""
     conditional, unconditional = outputs.float().chunk(2)
     return unconditional + scale * (conditional - unconditional)
+
+
+def volume_noise(draw, shape, noise_groups, device=None):
+    """draw(shape) (torch.randn, torch.rand), except that with noise_groups = G > 0 the batch
+    (shape[0]) is G volumes one after another and every slice of a volume gets its volume's
+    noise: a sampler that turns like noise into like outputs then makes a volume's neighbouring
+    slices alike (one brain), while each slice alone is still drawn from its own law."""
+    if not noise_groups:
+        return draw(shape, device=device)
+    noise = draw((noise_groups, 1) + tuple(shape[1:]), device=device)
+    return noise.expand((noise_groups, shape[0] // noise_groups) + tuple(shape[1:])).reshape(shape)
 
 
 class ConditionEmbedding(nn.Module):

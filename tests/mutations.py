@@ -82,6 +82,15 @@ MUTATIONS = [
     ("null_z_read_as_slice_0", "module.py",
      "return embedding(z.clamp(min=0)) * (z != NULL_Z)[:, None]", "return embedding(z.clamp(min=0))",
      [SECOND_STAGE + "test_null_z_drops_the_condition_and_guidance_extrapolates_from_it"]),
+    # Gumbel noise with its sign flipped: argmax(l - G) is no draw from softmax(l)
+    ("prior_gumbel_sign", "model_prior.py", "gumbel = -torch.log(-torch.log(", "gumbel = torch.log(-torch.log(",
+     [SECOND_STAGE + "test_sampled_first_codes_follow_the_softmax_of_their_logits"]),
+    # every slice of a volume drawn with its own noise (the prior's, the diffusion's, the snap's)
+    ("volume_noise_not_shared", "module.py", "    if not noise_groups:\n        return draw(",
+     "    if True:\n        return draw(",
+     [SECOND_STAGE + "test_slices_of_a_volume_share_their_sampling_noise",
+      SECOND_STAGE + "test_ddpm_keeps_one_shared_trajectory_and_samplers_clip_x0",
+      "tests/test_models.py::test_snap_draws_alike_within_a_volume_and_apart_across_volumes"]),
     ("setting_chosen_by_worst_rank", "realism.py",
      "best = min(rows, key=lambda row: row[\"mean_rank\"])", "best = max(rows, key=lambda row: row[\"mean_rank\"])",
      ["tests/test_realism.py::test_choose_setting_picks_the_real_looking_setting_on_validate"]),
