@@ -428,7 +428,19 @@ def test_latent_dataset_writes_each_split_in_order(first_stage_dir, demo_dir):
 def test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises(first_stage_dir, tmp_path):
     arguments = second_stage_args(first_stage_dir, *TINY_PRIOR, *NO_SEARCH["train_viT.py"], "--LR=5e-3", f"--CKPT_DIR={tmp_path}",
                                   f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")
-    run_script("train_viT.py", arguments + ["--EPOCHS=15"])
+    trained_z = []              # every z the training steps hand the prior
+    forward = CodePrior.forward
+
+    def recording_forward(self, codes, z, **kwargs):
+        if self.training:
+            trained_z.append(z.clone())
+        return forward(self, codes, z, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CodePrior, "forward", recording_forward)
+        run_script("train_viT.py", arguments + ["--EPOCHS=15"])
+    # Z_DROP = 0.1 of the 960 training slices are told no z: guidance's unconditional branch learns
+    assert (torch.cat(trained_z) == NULL_Z).float().mean().item() == pytest.approx(0.1, abs=0.04)
     val = read_log(str(tmp_path / "vqvae_prior.log"))["val_loss"][1]
     assert len(val) == 15 and val[-1] < val[0] < math.log(32) + 0.1
     run_script("train_viT.py", arguments + ["--EPOCHS=16"])
