@@ -120,8 +120,7 @@ def generator_loss(model, core_model, core_discriminator, images, zs, kl_weight_
     DDP wrapper. Returns (total, {name: term}, reconstructions, random-latent decodings or None,
     code indices or None)."""
     reconstruction, regulariser, indices = model(images, zs)
-    reconstruction_fp32 = reconstruction.float()    # the losses in fp32; the discriminator reads autocast's dtype
-    rec_loss = F.l1_loss(reconstruction_fp32, images)
+    rec_loss = F.l1_loss(reconstruction.float(), images)
     if isinstance(core_model, VQVAE):
         losses = {"rec_loss": rec_loss, "vq_loss": regulariser}
         total = rec_loss + regulariser
@@ -129,7 +128,7 @@ def generator_loss(model, core_model, core_discriminator, images, zs, kl_weight_
         losses = {"rec_loss": rec_loss, "kl_loss": regulariser, "kl_weight": kl_weight_now}
         total = rec_loss + kl_weight_now * regulariser
     if DETAIL_WEIGHT:
-        losses["detail_loss"] = detail_energy_loss(reconstruction_fp32, images)
+        losses["detail_loss"] = detail_energy_loss(reconstruction.float(), images)
         total = total + DETAIL_WEIGHT * losses["detail_loss"]
     generated = None
     if gan_on:
