@@ -7,7 +7,7 @@ from torch import nn
 
 import dataset
 import util
-from module import embed_z, guide, volume_noise, with_null_z
+from module import embed_z, guide, gumbel_max, volume_noise, with_null_z
 
 NUM_Z = dataset.SLICES_PER_BRAIN
 
@@ -137,8 +137,8 @@ class CodePrior(nn.Module):
     def sample(self, z, temperature=1.0, top_k=0, guidance=1.0, use_cache=True, noise_groups=0):
         """Code grids (B, h, w) drawn code by code for slice indices z (B,). guidance w != 1:
         classifier-free guidance, each code's unconditional logits moved w times the way z moves
-        them (both in one batch). Each code is the argmax of its logits plus Gumbel noise (an exact
-        draw from their softmax); `noise_groups` = G: the batch is G volumes one after another
+        them (both in one batch). Each code is drawn from the softmax of its logits by
+        module.gumbel_max; `noise_groups` = G: the batch is G volumes one after another
         whose slices share that noise, so that neighbouring slices, whose laws are alike, draw
         alike codes (as the diffusion's share their noise); 0: independent draws. With the KV
         cache each patch costs one position's work; without it (the original's way, kept to check
@@ -164,9 +164,8 @@ class CodePrior(nn.Module):
                 if top_k:
                     threshold = logits.topk(top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < threshold, float("-inf"))
-                uniforms = volume_noise(torch.rand, logits.shape, noise_groups, logits.device)
-                gumbel = -torch.log(-torch.log(uniforms.clamp(min=torch.finfo(uniforms.dtype).tiny)))
-                patch[:, 0, place] = (logits + gumbel).argmax(-1)
+                patch[:, 0, place] = gumbel_max(logits, volume_noise(torch.rand, logits.shape, noise_groups,
+                                                                     logits.device))
             patches = torch.cat([patches, patch], dim=1)
             token = self.code_embedding(self._place_offsets(doubled(patch))).sum(2)
         return rearrange(patches, "b (h w) (p q) -> b (h p) (w q)", h=self.patches_shape[0], p=self.patch_size)

@@ -13,7 +13,7 @@ import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
 from model_VAE import VAE, VQVAE, build_model
-from module import ResBlock, VectorQuantizer, argmin_rows, codebook_stats, group_norm
+from module import ResBlock, VectorQuantizer, argmin_rows, codebook_stats, group_norm, gumbel_max
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks_encoder=1, num_res_blocks_decoder=1,
@@ -100,9 +100,24 @@ def test_snapped_codes_are_drawn_by_proximity():
     drawn = quantizer.draw_code(vectors[:1].expand(20000, 2), 2.0)
     assert torch.allclose(torch.bincount(drawn, minlength=6).double() / 20000, law, atol=0.01)
     assert law.max() < 0.9        # the law is spread: the check above could fail
-    # a uniform in the middle of code k's share of the cumulative law draws code k (inverse CDF)
-    uniforms = (law.cumsum(0) - law / 2).float()
-    assert torch.equal(quantizer.draw_code(vectors[:1].expand(6, 2), 2.0, uniforms), torch.arange(6))
+    # given uniforms u, the draw is the code whose log-probability plus -log(-log u) is largest (Gumbel-max)
+    uniforms = torch.rand(50, 6, generator=torch.Generator().manual_seed(1))
+    gumbel = -(-uniforms.double().log()).log()
+    assert torch.equal(quantizer.draw_code(vectors[:1].expand(50, 2), 2.0, uniforms), (law.log() + gumbel).argmax(1))
+
+
+def test_gumbel_max_draws_alike_where_two_laws_agree():
+    """Two laws over 256 codes that differ only in code 7's logit, drawn with the same uniforms:
+    every draw that is not code 7 under one law is the same code under the other (inverting the
+    cumulative laws at one uniform would shift every code after 7)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 256, generator=generator)
+    lowered = logits.clone()
+    lowered[:, 7] -= 3.0
+    uniforms = torch.rand(4000, 256, generator=generator)
+    first, second = gumbel_max(logits, uniforms), gumbel_max(lowered, uniforms)
+    assert torch.equal(first[first != 7], second[first != 7]) and (first[second == 7] == 7).all()
+    assert (second != first).sum() > 10         # most of the rows that drew code 7 drew another
 
 
 def test_snap_draws_alike_within_a_volume_and_apart_across_volumes():
