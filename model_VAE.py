@@ -196,14 +196,13 @@ class VQVAE(Autoencoder):
         each to its nearest code (temperature 0) or to one drawn by proximity
         (VectorQuantizer.draw_code). Sampled latents land between codes, and their nearest codes
         alone decode to smoother images than the codes of real slices. `noise_groups` = G: the
-        batch is G volumes one after another, whose slices share their draw's uniforms at each
-        position, so that alike slices of a volume draw alike codes (a volume stays one brain);
-        0: independent draws."""
+        batch is G volumes one after another, whose slices share one uniform per position, so
+        that alike slices of a volume draw alike codes (a volume stays one brain); 0: independent
+        draws."""
         batch, _, height, width = latents.shape
         uniforms = None
         if temperature > 0:  # the nearest code needs no draw (and takes no RNG)
-            uniforms = volume_noise(torch.rand, (batch, height * width, self.quantizer.num_codes), noise_groups,
-                                    latents.device).flatten(0, 1)
+            uniforms = volume_noise(torch.rand, (batch, height * width), noise_groups, latents.device).flatten()
         indices = self.quantizer.draw_code(rearrange(latents, "b d h w -> (b h w) d"), temperature, uniforms)
         return self.quantizer.embed_indices(indices.view(batch, height, width))
 

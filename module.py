@@ -73,16 +73,15 @@ def volume_noise(draw, shape, noise_groups, device=None):
     return noise.expand((noise_groups, shape[0] // noise_groups) + tuple(shape[1:])).reshape(shape)
 
 
-def gumbel_max(logits, uniforms=None):
+def gumbel_max(logits, uniforms):
     """A draw from softmax(logits) along the last dimension: the argmax of the logits plus
-    Gumbel noise -log(-log u), u uniform in [0, 1) (`uniforms`, logits' shape, or fresh ones).
-    Rows given the same uniforms draw alike where their laws are alike: unlike inverting each
-    row's cumulative law at one uniform, this needs no order of the categories, so two laws that
-    differ on a few codes still agree on the rest (how a volume's slices stay one brain)."""
-    if uniforms is None:
-        uniforms = torch.rand(logits.shape, device=logits.device)
+    Gumbel noise -log(-log u), for `uniforms` u in [0, 1) of the logits' shape. Rows given the
+    same uniforms draw alike where their laws are alike: unlike inverting each row's cumulative
+    law at one uniform (VectorQuantizer.draw_code), this needs no order of the categories, so two
+    laws that differ on a few codes still agree on the rest."""
     gumbel = -torch.log(-torch.log(uniforms.clamp(min=torch.finfo(uniforms.dtype).tiny)))
     return (logits + gumbel).argmax(-1)
+
 
 class ConditionEmbedding(nn.Module):
     """Integer condition (slice z-index, diffusion timestep) -> vector: a fixed sinusoidal table
@@ -232,15 +231,18 @@ class VectorQuantizer(nn.Module):
         distances of a row to the codes, p(code) is proportional to
         exp(-(d_code - d_nearest) / (temperature * d_nearest)), so a code whose squared distance
         exceeds the nearest's by `temperature` times the nearest's is e^-1 as likely; a row that
-        sits on a code keeps it. Temperature 0 is nearest_code. Drawn by gumbel_max, from
-        `uniforms` (N, num_codes) or fresh ones: rows given the same uniforms and alike distances
-        draw alike."""
+        sits on a code keeps it. Temperature 0 is nearest_code. Each row's draw inverts its
+        cumulative law at a uniform in [0, 1): `uniforms` (N,), or fresh ones; rows given the same
+        uniform and alike distances draw alike."""
         if temperature == 0:
             return self.nearest_code(vectors)
         scores = self._code_scores(vectors)
         nearest = scores.min(1, keepdim=True).values
         nearest_distance = (nearest + vectors.float().pow(2).sum(1, keepdim=True)).clamp(min=1e-12)
-        return gumbel_max((nearest - scores) / (temperature * nearest_distance), uniforms)
+        cumulative = torch.softmax((nearest - scores) / (temperature * nearest_distance), 1).cumsum(1)
+        if uniforms is None:
+            uniforms = torch.rand(len(vectors), device=vectors.device)
+        return torch.searchsorted(cumulative, uniforms[:, None].to(cumulative)).clamp(max=self.num_codes - 1)[:, 0]
 
     def embed_indices(self, indices):
         """Code indices (B, H, W) -> quantised latents (B, code_dim, H, W)."""

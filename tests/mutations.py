@@ -85,10 +85,10 @@ MUTATIONS = [
     ("null_z_read_as_slice_0", "module.py",
      "return embedding(z.clamp(min=0)) * (z != NULL_Z)[:, None]", "return embedding(z.clamp(min=0))",
      [SECOND_STAGE + "test_null_z_drops_the_condition_and_guidance_extrapolates_from_it"]),
-    # Gumbel noise with its sign flipped (the prior's and the snap's draws): argmax(l - G) is no draw from softmax(l)
+    # Gumbel noise with its sign flipped (the prior's draws): argmax(l - G) is no draw from softmax(l)
     ("gumbel_sign", "module.py", "gumbel = -torch.log(-torch.log(", "gumbel = torch.log(-torch.log(",
      [SECOND_STAGE + "test_sampled_first_codes_follow_the_softmax_of_their_logits",
-      "tests/test_models.py::test_snapped_codes_are_drawn_by_proximity"]),
+      "tests/test_models.py::test_gumbel_max_draws_alike_where_two_laws_agree"]),
     # every slice of a volume drawn with its own noise (the prior's, the diffusion's, the snap's)
     ("volume_noise_not_shared", "module.py", "    if not noise_groups:\n        return draw(",
      "    if True:\n        return draw(",
