@@ -39,7 +39,7 @@ MUTATIONS = [
     ("ddpm_posterior_mean_coefficient", "model_diffusion.py",
      "(1 - abar_previous) * (1 - beta).sqrt() * x", "(1 - abar_previous) * (1 - beta) * x", GAUSSIAN_SAMPLERS),
     ("ddpm_noise_scale", "model_diffusion.py",
-     "x = x + variance.sqrt() * self._noise", "x = x + variance * self._noise", GAUSSIAN_SAMPLERS),
+     "x = x + variance.sqrt() * volume_noise", "x = x + variance * volume_noise", GAUSSIAN_SAMPLERS),
     ("ddim_eps_random", "model_diffusion.py",
      "eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()", "eps = torch.randn_like(x)", GAUSSIAN_SAMPLERS),
     ("unet_ignores_t", "model_diffusion.py",
