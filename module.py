@@ -226,22 +226,20 @@ class VectorQuantizer(nn.Module):
         at once spent most of its time allocating and reading memory)."""
         return torch.cat([argmin_rows(self._code_scores(chunk)) for chunk in vectors.split(rows_per_chunk)])
 
-    def draw_code(self, vectors, temperature, uniforms=None):
+    def draw_code(self, vectors, temperature, uniforms):
         """A code index per row of vectors (N, code_dim), drawn by proximity: with d the squared
         distances of a row to the codes, p(code) is proportional to
         exp(-(d_code - d_nearest) / (temperature * d_nearest)), so a code whose squared distance
         exceeds the nearest's by `temperature` times the nearest's is e^-1 as likely; a row that
-        sits on a code keeps it. Temperature 0 is nearest_code. Each row's draw inverts its
-        cumulative law at a uniform in [0, 1): `uniforms` (N,), or fresh ones; rows given the same
-        uniform and alike distances draw alike."""
+        sits on a code keeps it. Temperature 0 is nearest_code (`uniforms` unused: None). Each
+        row's draw inverts its cumulative law at its uniform in [0, 1) (`uniforms` (N,)); rows
+        given the same uniform and alike distances draw alike."""
         if temperature == 0:
             return self.nearest_code(vectors)
         scores = self._code_scores(vectors)
         nearest = scores.min(1, keepdim=True).values
         nearest_distance = (nearest + vectors.float().pow(2).sum(1, keepdim=True)).clamp(min=1e-12)
         cumulative = torch.softmax((nearest - scores) / (temperature * nearest_distance), 1).cumsum(1)
-        if uniforms is None:
-            uniforms = torch.rand(len(vectors), device=vectors.device)
         return torch.searchsorted(cumulative, uniforms[:, None].to(cumulative)).clamp(max=self.num_codes - 1)[:, 0]
 
     def embed_indices(self, indices):

@@ -90,14 +90,14 @@ def test_snapped_codes_are_drawn_by_proximity():
     torch.manual_seed(0)
     quantizer = VectorQuantizer(6, 2).eval()
     vectors = torch.randn(3, 2)
-    assert torch.equal(quantizer.draw_code(vectors, 0.0), torch.cdist(vectors, quantizer.codebook).argmin(1))
+    assert torch.equal(quantizer.draw_code(vectors, 0.0, None), torch.cdist(vectors, quantizer.codebook).argmin(1))
     on_codes = quantizer.codebook[[4, 1]]
-    assert torch.equal(quantizer.draw_code(on_codes, 3.0), torch.tensor([4, 1]))      # a code's own vector keeps it
+    assert torch.equal(quantizer.draw_code(on_codes, 3.0, torch.rand(2)), torch.tensor([4, 1]))      # a code's own vector keeps it
     # frequencies of 20,000 draws of one vector against the law written out from exact distances
     distances = torch.cdist(vectors[:1].double(), quantizer.codebook.double())[0] ** 2
     nearest = distances.min()
     law = torch.softmax(-(distances - nearest) / (2.0 * nearest), 0)
-    drawn = quantizer.draw_code(vectors[:1].expand(20000, 2), 2.0)
+    drawn = quantizer.draw_code(vectors[:1].expand(20000, 2), 2.0, torch.rand(20000))
     assert torch.allclose(torch.bincount(drawn, minlength=6).double() / 20000, law, atol=0.01)
     assert law.max() < 0.9        # the law is spread: the check above could fail
     # a uniform in the middle of code k's share of the cumulative law draws code k (inverse CDF)
