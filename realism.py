@@ -104,7 +104,7 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
     for start in range(0, len(slices), BATCH):
         batch = slices[start:start + BATCH].to(device).float().clamp(-1, 1)
         out = critic(batch)
-        features.append(out["features"].double().cpu())
+        features.append(out["features"].cpu())
         predicted_z.append(out["z_logits"].argmax(1).cpu())
         if out["seg_logits"] is not None:
             labels = out["seg_logits"].argmax(1)
@@ -113,8 +113,10 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
         energy.append(moments[0].cpu())
         kurtosis.append(moments[1].cpu())
 
+    # float64: a figure averaged over slices then comes out the same whatever the slices' order
     def per_slice(parts):
         joined = torch.cat(parts)
+        joined = joined.double() if joined.is_floating_point() else joined
         return joined.reshape(num_volumes, num_z, *joined.shape[1:]).numpy()
 
     # on the critic's device: left on the CPU, these searches took most of predict.py's time in `make gpu`
@@ -124,7 +126,8 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
     description = {"features": per_slice(features), "predicted_z": per_slice(predicted_z),
                    "tissue_area": per_slice(tissue_area) if tissue_area else None, "energy": per_slice(energy),
                    "kurtosis": per_slice(kurtosis),
-                   "same_z_ssim": np.stack([pairwise_ssim(volumes[:, z], volumes[:, z]).numpy() for z in range(num_z)]),
+                   "same_z_ssim": np.stack([pairwise_ssim(volumes[:, z], volumes[:, z]).double().numpy()
+                                            for z in range(num_z)]),
                    "adjacent_ssim": np.stack([util.reconstruction_ssim(volume[:-1].to(device).clamp(-1, 1),
                                                                        volume[1:].to(device)).cpu().numpy()
                                               for volume in volumes])}
@@ -253,7 +256,7 @@ def evaluate_sources(sources, critic, train_volumes, test_volumes):
 
 
 SELECTION_METRICS = ("frechet_distance", "tissue_wasserstein", "sharpness", "detail_kurtosis", "diversity_ssim",
-                     "z_faithfulness")
+                     "z_faithfulness", "identity_correlation")
 
 
 def choose_setting(sample, settings, critic, validate_volumes, train_volumes, seed=0):
@@ -261,8 +264,9 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes, se
     test: sample(setting) -> volumes (V, Z, 1, H, W); each setting's volumes are scored against
     the real validate brains, and the setting with the best mean rank over SELECTION_METRICS
     (distances to real: Frechet, tissue, |log sharpness|, |log detail kurtosis|, |log diversity|,
-    share off z; diversity keeps a strong guidance from trading variety for fidelity, detail
-    kurtosis keeps sharpness from being bought with speckle) wins. Every setting samples from
+    share off z, identity correlation gap; diversity keeps a strong guidance from trading variety
+    for fidelity, detail kurtosis keeps sharpness from being bought with speckle, the identity
+    correlation keeps guidance and sampling noise from breaking a volume into unrelated slices) wins. Every setting samples from
     torch's generator seeded with `seed` (common random numbers): a few volumes per setting then
     compare the settings, not the luck of their draws. Returns (the best setting,
     [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
@@ -273,7 +277,9 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes, se
         figures = score(describe(sample(setting), critic, train_volumes), reference)
         rows.append({"setting": setting, "figures": figures, "distance_to_real": distance_to_real(figures, real)})
     metrics = [m for m in SELECTION_METRICS if all(m in row["distance_to_real"] for row in rows)]
-    ranks = np.stack([stats.rankdata([row["distance_to_real"][metric] for row in rows]) for metric in metrics])
+    # rounded: the same slices in another order tie, rather than rank by their sums' rounding
+    ranks = np.stack([stats.rankdata(np.round([row["distance_to_real"][metric] for row in rows], 9))
+                      for metric in metrics])
     for row, rank_sum in zip(rows, ranks.sum(0)):     # summed first: tied settings tie exactly
         row["mean_rank"] = float(rank_sum) / len(metrics)
     best = min(rows, key=lambda row: row["mean_rank"])      # the first listed wins a tie

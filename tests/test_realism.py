@@ -267,6 +267,25 @@ def test_choose_setting_picks_the_real_looking_setting_on_validate(brains):
     assert all(set(realism.SELECTION_METRICS) <= set(row["distance_to_real"]) for row in rows)
 
 
+def test_choose_setting_keeps_volumes_one_brain(brains):
+    """Volumes made, slice by slice, of the same real test slices but each z's slices dealt to
+    other volumes: every per-slice figure ties with the real volumes' (the same slices at each z),
+    only coherence tells them apart, and the search must take the real volumes even when the
+    dealt ones come first (a tie goes to the first listed)."""
+    test = brains["test"]
+    generator = torch.Generator().manual_seed(0)
+    dealt = torch.stack([test[torch.randperm(len(test), generator=generator), z] for z in range(test.shape[1])], 1)
+
+    best, rows = realism.choose_setting(lambda source: dealt if source == "dealt" else test, ("dealt", "real"),
+                                        brains["critic"], brains["validate"], brains["train"])
+    assert best == "real"
+    figures = {row["setting"]: row["figures"] for row in rows}
+    for metric in ("tissue_wasserstein", "z_faithfulness", "sharpness", "detail_kurtosis", "diversity_ssim"):
+        assert figures["dealt"][metric] == figures["real"][metric], metric
+    assert figures["dealt"]["frechet_distance"] == pytest.approx(figures["real"]["frechet_distance"], rel=1e-9)
+    assert figures["dealt"]["identity_correlation"] < 0.2 < figures["real"]["identity_correlation"]
+
+
 def test_every_setting_samples_from_the_same_random_numbers(brains):
     """Common random numbers: two settings that set the same thing draw the same volumes and
     score the same, so that a search over a few volumes compares settings, not draws."""
