@@ -10,6 +10,7 @@ import util
 from module import embed_z, guide, gumbel_max, volume_noise, with_null_z
 
 NUM_Z = dataset.SLICES_PER_BRAIN
+SAMPLING_KEYS = ("temperature", "top_p", "guidance")     # what train_viT.py chooses on validate: sample_volumes' kwargs
 
 
 class CausalSelfAttention(nn.Module):
@@ -134,11 +135,12 @@ class CodePrior(nn.Module):
         return rearrange(logits, "b (h w) (p q) k -> b (h p w q) k", h=self.patches_shape[0], p=self.patch_size)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, top_k=0, guidance=1.0, use_cache=True, noise_groups=0):
+    def sample(self, z, temperature=1.0, top_p=1.0, guidance=1.0, use_cache=True, noise_groups=0):
         """Code grids (B, h, w) drawn code by code for slice indices z (B,). guidance w != 1:
         classifier-free guidance, each code's unconditional logits moved w times the way z moves
-        them (both in one batch). Each code is drawn from the softmax of its logits by
-        module.gumbel_max; `noise_groups` = G: the batch is G volumes one after another
+        them (both in one batch). top_p < 1: nucleus sampling, each code drawn from the fewest
+        likeliest codes whose probabilities sum to top_p or more (keep_nucleus). Each code is
+        drawn from the softmax of its logits by module.gumbel_max; `noise_groups` = G: the batch is G volumes one after another
         whose slices share that noise, so that neighbouring slices, whose laws are alike, draw
         alike codes (as the diffusion's share their noise); 0: independent draws. With the KV
         cache each patch costs one position's work; without it (the original's way, kept to check
@@ -161,14 +163,25 @@ class CodePrior(nn.Module):
                 else:
                     logits = self._patch_logits(doubled(torch.cat([patches, patch], dim=1)), z_in)[:, -1, place]
                 logits = (guide(logits, guidance) if guided else logits.float()) / temperature
-                if top_k:
-                    threshold = logits.topk(top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < threshold, float("-inf"))
+                if top_p < 1:
+                    logits = keep_nucleus(logits, top_p)
                 patch[:, 0, place] = gumbel_max(logits, volume_noise(torch.rand, logits.shape, noise_groups,
                                                                      logits.device))
             patches = torch.cat([patches, patch], dim=1)
             token = self.code_embedding(self._place_offsets(doubled(patch))).sum(2)
         return rearrange(patches, "b (h w) (p q) -> b (h p) (w q)", h=self.patches_shape[0], p=self.patch_size)
+
+
+def keep_nucleus(logits, top_p):
+    """Logits (B, num_codes) with every code outside its row's nucleus set to -inf: the nucleus is
+    the fewest likeliest codes whose probabilities sum to top_p or more (Holtzman et al., 2020).
+    Where the law is sure (the background) it cuts the long tail of unlikely codes; where it is
+    unsure (inside the brain) it keeps nearly all of them. Unlike a fixed top-k, the cut follows
+    how sure each position is."""
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probabilities = sorted_logits.softmax(-1)
+    outside = probabilities.cumsum(-1) - probabilities >= top_p      # the codes before it hold top_p already
+    return logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
 
 
 def prior_args(config, num_codes, grid_shape):
@@ -185,9 +198,8 @@ def prior_args(config, num_codes, grid_shape):
     if not config["TEMPERATURES"] or min(config["TEMPERATURES"]) <= 0:
         raise util.UserError(f"TEMPERATURES must hold temperatures above 0 (1.0 samples the learned "
                              f"distribution), got {config['TEMPERATURES']}")
-    if not config["TOP_KS"] or not all(0 <= k <= num_codes for k in config["TOP_KS"]):
-        raise util.UserError(f"TOP_KS must hold values between 0 (all codes) and the first stage's {num_codes} "
-                             f"codes, got {config['TOP_KS']}")
+    if not config["TOP_PS"] or not all(0 < p <= 1 for p in config["TOP_PS"]):
+        raise util.UserError(f"TOP_PS must hold nucleus masses in (0, 1] (1 = every code), got {config['TOP_PS']}")
     util.check_guidance(config)
     return dict(num_codes=num_codes, grid_shape=tuple(grid_shape), num_z_positions=NUM_Z,
                 num_layers=config["N_LAYER"], num_heads=config["N_HEAD"], dim=config["N_EMBD"],
@@ -209,8 +221,8 @@ def nats_per_code(logits, codes):
 
 
 @torch.no_grad()
-def sample_volumes(prior, first_stage, device, volumes=1, temperature=1.0, top_k=0, guidance=1.0):
+def sample_volumes(prior, first_stage, device, volumes=1, temperature=1.0, top_p=1.0, guidance=1.0):
     """`volumes` x 32 slices (z = 0..31) drawn by the prior and decoded: (volumes * 32, 1, H, W),
     each volume's slices sharing their sampling noise (CodePrior.sample's noise_groups)."""
     z = torch.arange(NUM_Z, device=device).repeat(volumes)
-    return first_stage.decode_indices(prior.sample(z, temperature, top_k, guidance, noise_groups=volumes), z)
+    return first_stage.decode_indices(prior.sample(z, temperature, top_p, guidance, noise_groups=volumes), z)

@@ -35,7 +35,7 @@ from latent_dataset import load_latents
 from model_critic import load_first_stage_critic
 from model_diffusion import decode_latents, load_diffusion
 from model_diffusion import sample_volumes as diffusion_volumes
-from model_prior import load_prior
+from model_prior import SAMPLING_KEYS, load_prior
 from model_prior import sample_volumes as prior_volumes
 from model_VAE import VQVAE, evaluate_reconstructions, load_first_stage
 from module import code_counts_per_position, codebook_stats
@@ -200,9 +200,10 @@ if __name__ == "__main__":
         prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
         if os.path.isfile(prior_path):
             prior, checkpoint = load_prior(prior_path, device)
-            if "sampling" not in checkpoint:
-                raise util.UserError(f"{prior_path} has no sampling settings (train_viT.py chooses them when it "
-                                     f"finishes); re-run train_viT.py to finish it")
+            if set(checkpoint.get("sampling", ())) != set(SAMPLING_KEYS):
+                raise util.UserError(f"{prior_path} has no sampling settings {SAMPLING_KEYS} (train_viT.py chooses "
+                                     f"them when it finishes; an older version chose others); re-run train_viT.py: "
+                                     f"it resumes and chooses them")
             timed("prior", lambda: prior_volumes(prior, first_stage, device, VOLUMES, **checkpoint["sampling"]))
         diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
         if os.path.isfile(diffusion_path):

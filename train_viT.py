@@ -10,7 +10,7 @@ Training minimises cross-entropy on collected_latents/<FIRST_STAGE>_train.pt; ea
 scores the validate split (nats per code), saves model_ckpt/<run>_{last,best}.pt and a grid of
 32 sampled slices (z = 0..31) decoded by the first stage to visualize/. Re-running resumes.
 A share Z_DROP of the training slices is told no z, so that sampling can use classifier-free
-guidance on z. At the end the best epoch's sampling temperature, top-k and guidance scale are
+guidance on z. At the end the best epoch's sampling temperature, top-p and guidance scale are
 chosen on validate by the realism metrics (stored in its checkpoint for predict.py); it is scored
 once on the test split, next to the per-position code histogram the first stage samples from
 (smoothed with the pseudo-count that scores best on validate), and log/<run>_summary.json is written.
@@ -50,8 +50,9 @@ LR = 2e-3                    # validate after 6 epochs: 2.81 nats/code (1e-3: 3.
 MIN_LR_RATIO = 0.1           # cosine decay to LR * MIN_LR_RATIO at the last step
 WEIGHT_DECAY = 0.1
 TEMPERATURES = (1.0,)        # sampling: softmax temperatures tried (0.9 never won on the 32x32 grid) ...
-TOP_KS = (0, 64)             # ... with keeping the k likeliest codes at each step (0 = all) ...
-GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # ... and guidance scales (1 = plain conditional); after training the
+TOP_PS = (1.0, 0.98, 0.95)   # ... with nucleus sampling: at each step the likeliest codes holding this much
+                             # probability (1 = all; model_prior.keep_nucleus) ...
+GUIDANCE_SCALES = (1.0, 2.0)  # ... and guidance scales (1 = plain conditional; 3 ranked last on validate); after training the
                              # setting whose samples score best on validate (realism.choose_setting, brain
                              # critic needed) goes into the best checkpoint for predict.py; one setting: no search
 SWEEP_VOLUMES = 4            # volumes sampled per setting for that choice
@@ -103,9 +104,9 @@ def evaluate(prior, loader, device):
 
 
 def choose_sampling(prior, first_stage, first_stage_config, device):
-    """The {"temperature", "top_k", "guidance"} of TEMPERATURES x TOP_KS x GUIDANCE_SCALES whose
+    """The {"temperature", "top_p", "guidance"} of TEMPERATURES x TOP_PS x GUIDANCE_SCALES whose
     samples score best on the validate brains (realism.choose_on_validate), and the scored rows."""
-    settings = [{"temperature": t, "top_k": k, "guidance": g} for t in TEMPERATURES for k in TOP_KS
+    settings = [{"temperature": t, "top_p": p, "guidance": g} for t in TEMPERATURES for p in TOP_PS
                 for g in GUIDANCE_SCALES]
     return realism.choose_on_validate(lambda setting: sample_volumes(prior, first_stage, device, SWEEP_VOLUMES, **setting),
                                       settings, first_stage_config, CKPT_DIR, device, SEED)
@@ -208,7 +209,7 @@ if __name__ == "__main__":
         sampling, search = choose_sampling(prior, first_stage, train["config"], device)
         best["sampling"] = sampling        # what predict.py samples with
         util.save_checkpoint(best, best_path)
-        print(f"sampling chosen on validate: temperature {sampling['temperature']}, top-k {sampling['top_k']}, "
+        print(f"sampling chosen on validate: temperature {sampling['temperature']}, top-p {sampling['top_p']}, "
               f"guidance {sampling['guidance']} "
               f"({len(search)} pairs scored in {time.time() - search_start:.0f} s)")
         test = load_latents(LATENT_DIR, FIRST_STAGE, "test")

@@ -41,7 +41,7 @@ TINY_PREDICT = ["--VOLUMES=2", "--TSNE_POINTS=64", "--DDPM_STEPS=100"]
 # a code a position on the tiny 8x8 grid, for which the margins below were set (the defaults' 2x2
 # patches run in test_torchrun_two_processes and in the models' own tests)
 TINY_PRIOR = ["--N_LAYER=2", "--N_HEAD=2", "--N_EMBD=32", "--BATCH_SIZE=8", "--DROPOUT=0.0", "--LR=3e-3",
-              "--SWEEP_VOLUMES=2", "--TEMPERATURES=(1.0,)", "--TOP_KS=(0, 8)", "--GUIDANCE_SCALES=(1.0, 2.0)",
+              "--SWEEP_VOLUMES=2", "--TEMPERATURES=(1.0,)", "--TOP_PS=(1.0, 0.9)", "--GUIDANCE_SCALES=(1.0, 2.0)",
               "--PATCH_SIZE=1", "--USE_BF16=False"]     # fp32, as TINY_FIRST_STAGE
 TINY_DIFFUSION = ["--BASE_CHANNELS=16", "--BATCH_SIZE=16", "--SAMPLE_STEPS=4", "--LR=2e-3", "--EMA_DECAY=0.5",
                   "--SWEEP_VOLUMES=2", "--PATCH_SIZE=1", "--USE_BF16=False"]
@@ -59,7 +59,7 @@ def assert_bf16_by_default(summary_path):
 
 
 # runs whose CKPT_DIR holds no brain critic sample with one setting, which needs no search on validate
-NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_KS=(0,)", "--GUIDANCE_SCALES=(1.0,)"],
+NO_SEARCH = {"train_viT.py": ["--TEMPERATURES=(1.0,)", "--TOP_PS=(1.0,)", "--GUIDANCE_SCALES=(1.0,)"],
              "stable_diffusion.py": ["--GUIDANCE_SCALES=(1.0,)", "--SNAP_TEMPERATURES=(0.0,)"]}
 
 
@@ -177,20 +177,23 @@ def test_cached_sampling_follows_the_full_forward_pass(grid_shape, patch_size, g
     assert torch.equal(drawn, prior.sample(z, temperature=1.0, guidance=guidance, use_cache=False))
 
 
-@pytest.mark.parametrize("temperature, top_k", [(0.1, 0), (0.2, 3)])
-def test_sampled_first_codes_follow_the_softmax_of_their_logits(temperature, top_k):
+@pytest.mark.parametrize("temperature, top_p", [(0.1, 1.0), (0.2, 0.5)])
+def test_sampled_first_codes_follow_the_softmax_of_their_logits(temperature, top_p):
     """The sampler's Gumbel-max draws are draws from softmax(logits / temperature), cut to the
-    top_k codes: over 6000 grids, the first code's frequencies match those probabilities, read
-    off a plain forward pass (the first code depends on z alone). The low temperatures spread
-    the untrained prior's near-uniform law (0.08-0.11 at temperature 1) to 0.01-0.28."""
+    nucleus of top_p: over 6000 grids, the first code's frequencies match those probabilities,
+    read off a plain forward pass (the first code depends on z alone) and cut here in numpy. The
+    low temperatures spread the untrained prior's near-uniform law (0.08-0.11 at temperature 1) to
+    0.01-0.28; at 0.2 the nucleus of 0.5 holds 4 of the 11 codes."""
     prior = tiny_prior()
     z = torch.full((6000,), 5)
     torch.manual_seed(2)
-    drawn = prior.sample(z, temperature=temperature, top_k=top_k)
-    logits = prior(drawn[:1], z[:1])[0, 0] / temperature
-    if top_k:
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
-    expected = logits.softmax(-1)
+    drawn = prior.sample(z, temperature=temperature, top_p=top_p)
+    expected = (prior(drawn[:1], z[:1])[0, 0] / temperature).softmax(-1).double().detach().numpy()
+    order = np.argsort(-expected)
+    kept = order[:np.searchsorted(np.cumsum(expected[order]), top_p) + 1]     # the fewest holding top_p
+    expected = np.where(np.isin(np.arange(11), kept), expected, 0)
+    expected = torch.from_numpy(expected / expected.sum()).float()
+    assert len(kept) == (11 if top_p == 1.0 else 4)
     frequencies = torch.bincount(drawn[:, 0, 0], minlength=11) / len(z)
     assert (frequencies[expected == 0] == 0).all()
     assert torch.allclose(frequencies, expected, atol=4 * (0.25 / len(z)) ** 0.5)     # 4 standard errors at most
@@ -225,12 +228,12 @@ def test_histogram_baseline_smooths_with_the_pseudo_count_best_on_validate():
 
 
 @pytest.mark.parametrize("grid_shape, patch_size", [((3, 4), 1), ((4, 6), 2)])
-def test_top_k_one_is_greedy(grid_shape, patch_size):
-    """Greedy draws are the argmax of the forward pass's logits: the sampler fills the grid in
-    the order and layout that training reads."""
+def test_a_tiny_nucleus_is_greedy(grid_shape, patch_size):
+    """Greedy draws (a nucleus of 1e-6 holds the likeliest code alone) are the argmax of the
+    forward pass's logits: the sampler fills the grid in the order and layout that training reads."""
     prior = tiny_prior(grid_shape, patch_size=patch_size)
     z = torch.tensor([2, 9])
-    greedy = prior.sample(z, top_k=1)
+    greedy = prior.sample(z, top_p=1e-6)
     logits = prior(greedy, z)
     assert torch.equal(logits.argmax(-1), greedy.flatten(1))
 
@@ -242,7 +245,7 @@ def test_guided_greedy_draws_follow_the_guidance_formula(guidance):
     zero); w = 0 is the unconditional model, which draws the same grid whatever z is asked for."""
     prior = tiny_prior((4, 6), patch_size=2)
     z = torch.tensor([2, 9])
-    greedy = prior.sample(z, top_k=1, guidance=guidance)
+    greedy = prior.sample(z, top_p=1e-6, guidance=guidance)
     conditional, unconditional = prior(greedy, z), prior(greedy, torch.full_like(z, NULL_Z))
     assert not torch.allclose(conditional, unconditional, atol=1e-4)      # z matters to this prior
     guided = unconditional + guidance * (conditional - unconditional)
@@ -526,6 +529,14 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
         assert tsne.width > 2 * tsne.height      # two panels side by side: by z and by brain
     with Image.open(first_stage_dir / "visualize" / "vqvae_realism_sources.png") as sources:
         assert sources.height > sources.width / 2   # one row per source (8 of them), 8 columns of z
+    # a prior whose sampling an older version chose (top-k, before nucleus sampling): predict.py
+    # names the file and the fix instead of failing on an unknown keyword
+    prior_path = str(first_stage_dir / "ckpt" / "vqvae_prior_best.pt")
+    checkpoint = util.load_checkpoint(prior_path)
+    util.save_checkpoint(dict(checkpoint, sampling={"temperature": 1.0, "top_k": 0, "guidance": 1.0}), prior_path)
+    with pytest.raises(util.UserError, match="vqvae_prior_best.pt has no sampling settings .* re-run train_viT.py"):
+        run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT))
+    util.save_checkpoint(checkpoint, prior_path)
 
 
 def test_diffusion_learns_to_use_its_timestep_and_z(first_stage_dir, tmp_path):

@@ -126,7 +126,7 @@ def test_checkpoint_from_another_config_is_refused_without_traceback(demo_dir, t
 def test_checkpoint_from_an_older_model_version_names_the_file(tmp_path):
     """A prior saved before z was added at every position has no z_condition weights: loading it
     names the file and the fix instead of printing load_state_dict's traceback."""
-    args = model_prior.prior_args(dict(PRIOR_CONFIG, N_EMBD=16, N_HEAD=2, N_LAYER=1, TOP_KS=(0,)), 8, (4, 4))
+    args = model_prior.prior_args(dict(PRIOR_CONFIG, N_EMBD=16, N_HEAD=2, N_LAYER=1), 8, (4, 4))
     state = model_prior.CodePrior(**args).state_dict()
     del state["z_condition.weight"]
     path = str(tmp_path / "vqvae_prior_best.pt")
@@ -170,7 +170,7 @@ def test_discriminator_needs_three_pixels_after_its_downsamplings():
 
 
 def test_prior_rules():
-    args = model_prior.prior_args(dict(PRIOR_CONFIG, N_EMBD=48, N_HEAD=6, TOP_KS=(0, 8)), 32, (4, 4))
+    args = model_prior.prior_args(dict(PRIOR_CONFIG, N_EMBD=48, N_HEAD=6), 32, (4, 4))
     prior = model_prior.CodePrior(**args)
     assert prior(torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([0, 1])).shape == (2, 16, 32)
     for changes, message in [({"N_EMBD": 50, "N_HEAD": 4}, "N_EMBD must be divisible by N_HEAD .* e.g. N_EMBD=48 for "
@@ -178,11 +178,11 @@ def test_prior_rules():
                              ({"N_HEAD": 0}, "N_HEAD must be a positive integer"),
                              ({"DROPOUT": 1.0}, r"DROPOUT must be in \[0, 1\)"),
                              ({"TEMPERATURES": (1.0, 0.0)}, "TEMPERATURES must hold temperatures above 0"),
-                             ({"TOP_KS": (0, 33)}, r"TOP_KS must hold values between 0 .* 32 codes, got \(0, 33\)"),
-                             ({"Z_DROP": 1.0, "TOP_KS": (0,)}, r"Z_DROP must be in \[0, 1\) .* got 1.0"),
-                             ({"GUIDANCE_SCALES": (1.0, -1.0), "TOP_KS": (0,)}, r"GUIDANCE_SCALES must hold scales >= 0"),
-                             ({"Z_DROP": 0.0, "TOP_KS": (0,)}, r"GUIDANCE_SCALES \(1.0, 2.0, 3.0\) need an unconditional "
-                                                               r"branch: Z_DROP > 0"),
+                             ({"TOP_PS": (1.0, 0.0)}, r"TOP_PS must hold nucleus masses in \(0, 1\] .* got \(1.0, 0.0\)"),
+                             ({"Z_DROP": 1.0}, r"Z_DROP must be in \[0, 1\) .* got 1.0"),
+                             ({"GUIDANCE_SCALES": (1.0, -1.0)}, r"GUIDANCE_SCALES must hold scales >= 0"),
+                             ({"Z_DROP": 0.0}, r"GUIDANCE_SCALES \(1.0, 2.0\) need an unconditional "
+                                                 r"branch: Z_DROP > 0"),
                              ({"PATCH_SIZE": 3}, "PATCH_SIZE=3 must divide the first stage's code grid, 4x4")]:
         with pytest.raises(util.UserError, match=message):
             model_prior.prior_args(dict(PRIOR_CONFIG, **changes), 32, (4, 4))
