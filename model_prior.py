@@ -140,9 +140,10 @@ class CodePrior(nn.Module):
         classifier-free guidance, each code's unconditional logits moved w times the way z moves
         them (both in one batch). top_p < 1: nucleus sampling, each code drawn from the fewest
         likeliest codes whose probabilities sum to top_p or more (keep_nucleus). Each code is
-        drawn from the softmax of its logits by module.gumbel_max; `noise_groups` = G: the batch is G volumes one after another
-        whose slices share that noise, so that neighbouring slices, whose laws are alike, draw
-        alike codes (as the diffusion's share their noise); 0: independent draws. With the KV
+        drawn from the softmax of its logits by module.gumbel_max; `noise_groups` = G: the batch
+        is G volumes one after another whose slices share that noise, so that neighbouring
+        slices, whose laws are alike, draw alike codes (as the diffusion's share their noise); 0:
+        independent draws. With the KV
         cache each patch costs one position's work; without it (the original's way, kept to check
         and time the cache against) each code costs a forward pass over all patches drawn before it."""
         guided = guidance != 1.0

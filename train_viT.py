@@ -52,7 +52,8 @@ WEIGHT_DECAY = 0.1
 TEMPERATURES = (1.0,)        # sampling: softmax temperatures tried (0.9 never won on the 32x32 grid) ...
 TOP_PS = (1.0, 0.98, 0.95)   # ... with nucleus sampling: at each step the likeliest codes holding this much
                              # probability (1 = all; model_prior.keep_nucleus) ...
-GUIDANCE_SCALES = (1.0, 2.0)  # ... and guidance scales (1 = plain conditional; 3 ranked last on validate); after training the
+GUIDANCE_SCALES = (1.0, 2.0)  # ... and guidance scales (1 = plain conditional; 3 broke volumes apart, identity
+                             # correlation 0.08-0.16 on validate, and left the search); after training the
                              # setting whose samples score best on validate (realism.choose_setting, brain
                              # critic needed) goes into the best checkpoint for predict.py; one setting: no search
 SWEEP_VOLUMES = 4            # volumes sampled per setting for that choice
