@@ -143,9 +143,9 @@ class CodePrior(nn.Module):
         drawn from the softmax of its logits by module.gumbel_max; `noise_groups` = G: the batch
         is G volumes one after another whose slices share that noise, so that neighbouring
         slices, whose laws are alike, draw alike codes (as the diffusion's share their noise); 0:
-        independent draws. With the KV
-        cache each patch costs one position's work; without it (the original's way, kept to check
-        and time the cache against) each code costs a forward pass over all patches drawn before it."""
+        independent draws. With the KV cache each patch costs one position's work; without it
+        (the original's way, kept to check and time the cache against) each code costs a forward
+        pass over all patches drawn before it."""
         guided = guidance != 1.0
         z_in = with_null_z(z) if guided else z      # the batch the transformer reads
 

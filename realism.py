@@ -268,8 +268,8 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes, se
     for fidelity, detail kurtosis keeps sharpness from being bought with speckle, the identity
     correlation keeps guidance and sampling noise from breaking a volume into unrelated slices)
     wins. Every setting samples from torch's generator seeded with `seed` (common random
-    numbers): a few volumes per setting then compare the settings, not the luck of their draws. Returns (the best setting,
-    [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
+    numbers): a few volumes per setting then compare the settings, not the luck of their draws.
+    Returns (the best setting, [{"setting", "figures", "distance_to_real", "mean_rank"} per setting])."""
     reference, real = reference_description(validate_volumes, critic, train_volumes)
     rows = []
     for setting in settings:

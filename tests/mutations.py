@@ -126,13 +126,13 @@ MUTATIONS = [
      "brain_mean(centred ** 4) / variance.clamp(min=1e-20)",
      ["tests/test_realism.py::test_laplacian_moments_match_scipy_on_real_slices",
       "tests/test_realism.py::test_detail_kurtosis_tells_real_detail_from_gaussian_speckle"]),
-    # each setting of a search drawn from wherever the generator stands, not from the same seed
     # the search blind to coherence: volumes dealt from unrelated brains tie with real ones
     ("selection_ignores_coherence", "realism.py", '"z_faithfulness", "identity_correlation")', '"z_faithfulness")',
      ["tests/test_realism.py::test_choose_setting_keeps_volumes_one_brain"]),
     # the nucleus one code short: the code that carries it past top_p left out
     ("nucleus_one_code_short", "model_prior.py", "probabilities.cumsum(-1) - probabilities >= top_p",
      "probabilities.cumsum(-1) >= top_p", [SECOND_STAGE + "test_sampled_first_codes_follow_the_softmax_of_their_logits"]),
+    # each setting of a search drawn from wherever the generator stands, not from the same seed
     ("settings_drawn_from_different_numbers", "realism.py", "        torch.manual_seed(seed)\n", "",
      ["tests/test_realism.py::test_every_setting_samples_from_the_same_random_numbers"]),
     # a snap temperature in absolute units instead of the nearest code's distance
