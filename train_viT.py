@@ -15,6 +15,7 @@ chosen on validate by the realism metrics (stored in its checkpoint for predict.
 once on the test split, next to the per-position code histogram the first stage samples from
 (smoothed with the pseudo-count that scores best on validate), and log/<run>_summary.json is written.
 """
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import realism
 import util
 from latent_dataset import load_latents
 from logger import TrainingLog
-from model_prior import CodePrior, prior_args, sample_volumes
+from model_prior import SAMPLING_KEYS, CodePrior, prior_args, sample_volumes
 from model_VAE import load_first_stage
 from module import code_counts_per_position, hide_z
 
@@ -107,8 +108,8 @@ def evaluate(prior, loader, device):
 def choose_sampling(prior, first_stage, first_stage_config, device):
     """The {"temperature", "top_p", "guidance"} of TEMPERATURES x TOP_PS x GUIDANCE_SCALES whose
     samples score best on the validate brains (realism.choose_on_validate), and the scored rows."""
-    settings = [{"temperature": t, "top_p": p, "guidance": g} for t in TEMPERATURES for p in TOP_PS
-                for g in GUIDANCE_SCALES]
+    settings = [dict(zip(SAMPLING_KEYS, values))
+                for values in itertools.product(TEMPERATURES, TOP_PS, GUIDANCE_SCALES)]
     return realism.choose_on_validate(lambda setting: sample_volumes(prior, first_stage, device, SWEEP_VOLUMES, **setting),
                                       settings, first_stage_config, CKPT_DIR, device, SEED)
 
