@@ -55,11 +55,11 @@ Z_DROP = 0.1                 # share of training latents told no z (module.NULL_
                              # branch that classifier-free guidance needs
 GUIDANCE_SCALES = (1.0, 2.0, 3.0)   # guidance scales tried after training (1 = plain conditional) ...
 SNAP_TEMPERATURES = (0.0, 1.0, 2.0, 3.0)   # ... each with these snap temperatures (VQVAE: each sampled vector
-                             # to its nearest code, 0, or to one drawn by proximity, VQVAE.snap; on the 32x32 grid
-                             # 3 raised DDPM's sharpness from 0.66 to real's, its detail still near Gaussian: detail
-                             # kurtosis ~3.9 against real's 4.6); the pair whose DDIM samples score
-                             # best on validate (realism.choose_setting, brain critic needed) goes into the best
-                             # checkpoint for predict.py; one pair: no search
+                             # to its nearest code, 0, or to one drawn by proximity, VQVAE.snap: latents that land
+                             # between codes decode smoother than real from their nearest codes; the 80-epoch
+                             # U-Net's lie near enough to codes that the search takes 0); the pair whose DDIM samples
+                             # score best on validate (realism.choose_setting, brain critic needed) goes into the
+                             # best checkpoint for predict.py; one pair: no search
 SWEEP_VOLUMES = 4            # volumes sampled per scale for that choice (decoded once per temperature)
 NUM_TIMESTEPS = 1000
 BETA_START = 1e-4            # linear beta schedule, as the original
