@@ -46,9 +46,9 @@ HEAD_CHANNELS = 16           # PATCH_SIZE > 1: a res block of this width at the 
                              # (model_diffusion.FullResolutionHead; 0 = none): on the 32x32 grid test loss
                              # 0.364 against 0.449 in 176 s of training against 162 s, samples a third as far
                              # off the codebook
-RES_BLOCKS = 0               # res blocks per level (the up path has one more, for the skips). 0: a step takes half
-                             # the time of 1's, and twice the steps in about the same time beat the deeper U-Net's
-                             # samples (its 30 epochs were too few to draw ventricles); GPU preset: 2
+RES_BLOCKS = 0               # res blocks per level (the up path has one more, for the skips). 0: a step and a
+                             # sample take half the time of 1's; its 80 epochs draw ventricles, which 1's 30 did not
+                             # (README: "Enough steps to draw a brain"); the GPU preset: 2
 ATTENTION = True             # self-attention at the lowest level and in the middle
 Z_CONDITIONING = True        # embed the slice index z into every res block
 Z_DROP = 0.1                 # share of training latents told no z (module.NULL_Z): the unconditional
