@@ -10,6 +10,7 @@ skull-stripped MNI152 2009a T1 template that ships inside the nilearn package, e
 own smooth elastic warp, small affine change and intensity change (gamma, bias field).
 """
 import glob
+import hashlib
 import json
 import math
 import os
@@ -72,6 +73,20 @@ def seg_folder(data_dir, split):
 def present_splits(data_dir):
     """The splits whose image folder exists in `data_dir` (a NIfTI conversion may fill only one)."""
     return [split for split in SPLITS if os.path.isdir(image_folder(data_dir, split))]
+
+
+def data_fingerprint(data_dir):
+    """What names a data set wherever its folder lies: a hash of the name and size of every file in
+    its split folders (images and segmentations). A moved or copied folder keeps it; other data,
+    or a split with a slice more or less, does not."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for folder in (image_folder(data_dir, split), seg_folder(data_dir, split)):
+            if os.path.isdir(folder):
+                for name in sorted(os.listdir(folder)):
+                    digest.update(f"{os.path.basename(folder)}/{name}:{os.path.getsize(os.path.join(folder, name))}\n"
+                                  .encode())
+    return digest.hexdigest()[:16]
 
 
 def _list_slices(folder, pattern):

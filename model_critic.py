@@ -92,11 +92,12 @@ def load_critic(path, device, data_dir=None, img_size=None):
                              + (f" --DATA_DIR={data_dir}" if data_dir else "")
                              + (f" --IMG_SIZE={img_size}" if img_size else ""))
     checkpoint = util.load_checkpoint(path)
-    trained_on = (checkpoint["data_dir"], checkpoint["config"]["IMG_SIZE"])
-    if data_dir is not None and trained_on != (os.path.abspath(data_dir), img_size):
-        raise util.UserError(f"the brain critic {path} was trained on {trained_on[0]} at {trained_on[1]}px, "
-                             f"not on {os.path.abspath(data_dir)} at {img_size}px; train one for this data: "
-                             f"python train_critic.py --DATA_DIR={data_dir} --IMG_SIZE={img_size}")
+    # the data is named by its files, not its folder's path: a moved project keeps its critic
+    trained_on = (checkpoint.get("data_fingerprint"), checkpoint["config"]["IMG_SIZE"])
+    if data_dir is not None and trained_on != (dataset.data_fingerprint(data_dir), img_size):
+        raise util.UserError(f"the brain critic {path} was trained on {checkpoint['data_dir']} at {trained_on[1]}px, "
+                             f"not on the files of {os.path.abspath(data_dir)} at {img_size}px; train one for this "
+                             f"data: python train_critic.py --DATA_DIR={data_dir} --IMG_SIZE={img_size}")
     if checkpoint["epoch"] < checkpoint["config"]["EPOCHS"]:
         raise util.UserError(f"the brain critic {path} stopped at epoch {checkpoint['epoch']} of "
                              f"{checkpoint['config']['EPOCHS']}; re-run train_critic.py (same options) to finish it")

@@ -151,7 +151,7 @@ if __name__ == "__main__":
                   | {f"val_{name}": value for name, value in validation.items() if name.startswith("dice")})
         checkpoint = {"config": config, "model_args": model_args, "model": critic.state_dict(),
                       "optimizer": optimizer.state_dict(), "data_dir": os.path.abspath(data_dir),
-                      "epoch": epoch + 1, "step": step,
+                      "data_fingerprint": dataset.data_fingerprint(data_dir), "epoch": epoch + 1, "step": step,
                       "train_seconds": train_seconds, **util.rng_states()}
         util.save_checkpoint(checkpoint, path)
         dice = "".join(f", Dice {name} {validation[f'dice_{name}']:.3f}" for name in model_critic.TISSUE_NAMES

@@ -1,6 +1,7 @@
 """The brain critic and the realism metrics, checked on real demo slices against cases whose
 answer is known: blurred and noisy copies of real brains, copies of training brains, slices
 shuffled across brains, slices given the wrong z."""
+import glob
 import json
 import math
 import os
@@ -138,8 +139,14 @@ def test_critic_refuses_data_without_seg_folders_and_trains_on_z_alone(brains, t
     assert "tissue_wasserstein" not in figures and "frechet_distance" in figures and "z_faithfulness" in figures
 
 
-def test_critic_from_other_data_or_size_is_refused(brains):
+def test_critic_follows_its_data_when_moved_and_refuses_other_data_or_size(brains, tmp_path):
     path = critic_path(str(brains["out_dir"]), brains["data_dir"], SIZE)
+    moved = str(tmp_path / os.path.basename(os.path.normpath(brains["data_dir"])))
+    shutil.copytree(brains["data_dir"], moved)
+    load_critic(path, "cpu", moved, SIZE)            # the same files elsewhere: the same data
+    os.remove(sorted(glob.glob(os.path.join(dataset.image_folder(moved, "test"), "*.png")))[-1])
+    with pytest.raises(util.UserError, match="trained on .* at 64px, not on the files of .*; train one"):
+        load_critic(path, "cpu", moved, SIZE)
     with pytest.raises(util.UserError, match="trained on .* at 64px.*train_critic.py --DATA_DIR=.* --IMG_SIZE=32"):
         load_critic(path, "cpu", brains["data_dir"], 32)
     with pytest.raises(util.UserError, match="no brain critic at .*; train it first: python train_critic.py"):
