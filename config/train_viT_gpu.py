@@ -5,6 +5,7 @@ PATCH_SIZE = 1                   # a code a position: the 16x16 grid is 256 posi
 N_LAYER = 8
 N_HEAD = 8
 N_EMBD = 256
+DROPOUT = 0.1                    # 8 layers of width 256 over 1,536 demo slices
 BATCH_SIZE = 64
 EPOCHS = 20
 LR = 6e-4
