@@ -296,24 +296,23 @@ if __name__ == "__main__":
                 + (" (best)" if improved else ""))
         if world_size > 1:
             torch.distributed.barrier()
-
-    if is_main:
-        best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
-        core_model.load_state_dict(best["model"])
-        test_loader = dataset.get_dataloader("test", 32, DATA_DIR, IMG_SIZE)
-        test_ssim, test_counts = evaluate_reconstructions(core_model, test_loader, device, autocast)
-        summary = {"run": run_name, "mode": MODE, "test_ssim": test_ssim, "best_epoch": best["epoch"],
-                   "best_val_ssim": best["best_val_ssim"], "epochs": EPOCHS, "steps": step,
-                   "train_images_per_second": train_images / max(train_seconds, 1e-9),
-                   "train_seconds": train_seconds,
-                   "parameters": sum(p.numel() for p in core_model.parameters()),
-                   "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
-                   "config": config}
-        if test_counts is not None:
-            usage = codebook_stats(test_counts)
-            summary.update(test_codebook_usage=usage["active_share"], test_perplexity=usage["perplexity"])
-        with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     if world_size > 1:
-        torch.distributed.destroy_process_group()
+        util.leave_process_group(is_main)     # only the main process goes on, to test
+
+    best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
+    core_model.load_state_dict(best["model"])
+    test_loader = dataset.get_dataloader("test", 32, DATA_DIR, IMG_SIZE)
+    test_ssim, test_counts = evaluate_reconstructions(core_model, test_loader, device, autocast)
+    summary = {"run": run_name, "mode": MODE, "test_ssim": test_ssim, "best_epoch": best["epoch"],
+               "best_val_ssim": best["best_val_ssim"], "epochs": EPOCHS, "steps": step,
+               "train_images_per_second": train_images / max(train_seconds, 1e-9),
+               "train_seconds": train_seconds,
+               "parameters": sum(p.numel() for p in core_model.parameters()),
+               "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
+               "config": config}
+    if test_counts is not None:
+        usage = codebook_stats(test_counts)
+        summary.update(test_codebook_usage=usage["active_share"], test_perplexity=usage["perplexity"])
+    with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
