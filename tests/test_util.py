@@ -1,5 +1,7 @@
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -231,6 +233,33 @@ def test_reconstruction_ssim_maps_minus_one_one_and_clamps(slice_pairs):
     assert torch.allclose(util.reconstruction_ssim(signed, signed_degraded), expected, atol=1e-6)
     overshoot = signed_degraded + 0.5 * (signed_degraded > 0.99)    # decoder output past tanh's range
     assert torch.allclose(util.reconstruction_ssim(signed, overshoot), expected, atol=1e-6)
+
+
+LEAVE_AFTER_TRAINING = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import util
+device = util.setup_distributed()
+world_size, rank = util.world_size_and_rank()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(2, 2, 1))
+model(torch.randn(4, 2, 3, 3)).square().mean().backward()
+torch.distributed.barrier()
+util.leave_process_group(rank == 0)
+print(f"rank {{rank}} went on alone: initialized {{torch.distributed.is_initialized()}}")
+"""
+
+
+def test_only_the_main_process_goes_on_after_training(tmp_path):
+    """Two torchrun processes leave together; the main one goes on without a process group, the
+    other ends cleanly (exit 0, nothing after the call)."""
+    script = tmp_path / "train.py"
+    script.write_text(LEAVE_AFTER_TRAINING.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n").count("rank 0 went on alone: initialized False") == 1
+    assert "rank 1" not in result.stdout
 
 
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(monkeypatch):
