@@ -13,7 +13,6 @@ _best.pt, by validation SSIM); re-running resumes from _last.pt. At the end the 
 scored once on the test split and log/<run>_summary.json is written.
 """
 import functools
-import json
 import os
 import time
 
@@ -313,6 +312,4 @@ if __name__ == "__main__":
     if test_counts is not None:
         usage = codebook_stats(test_counts)
         summary.update(test_codebook_usage=usage["active_share"], test_perplexity=usage["perplexity"])
-    with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    util.write_summary(summary, LOG_DIR, run_name)

@@ -13,7 +13,6 @@ run is complete. At the end the test split is scored once (z accuracy, Dice per 
 log/<run>_summary.json.
 predict.py reads the critic to compute the realism metrics (realism.py).
 """
-import json
 import os
 import time
 
@@ -165,6 +164,4 @@ if __name__ == "__main__":
     summary.update({f"test_{name}": value for name, value in test.items()})
     summary.update(train_seconds=train_seconds, parameters=sum(p.numel() for p in critic.parameters()),
                    device=str(device), config=config)
-    with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    util.write_summary(summary, LOG_DIR, run_name)

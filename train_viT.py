@@ -16,7 +16,6 @@ once on the test split, next to the per-position code histogram the first stage 
 (smoothed with the pseudo-count that scores best on validate), and log/<run>_summary.json is written.
 """
 import itertools
-import json
 import math
 import os
 import time
@@ -233,6 +232,4 @@ if __name__ == "__main__":
                "train_seconds": train_seconds, "parameters": sum(p.numel() for p in prior.parameters()),
                "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
                "config": config}
-    with open(os.path.join(LOG_DIR, f"{run_name}_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    util.write_summary(summary, LOG_DIR, run_name)

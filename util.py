@@ -2,6 +2,7 @@
 `--NAME=value` / config-file override every script uses."""
 import ast
 import contextlib
+import json
 import math
 import os
 import random
@@ -12,7 +13,6 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -367,6 +367,14 @@ class CudaGraphStep:
                 static.copy_(tensor, non_blocking=True)
         self.graph.replay()      # capturing ran nothing: this call's step runs here too
         return self.outputs
+
+
+def write_summary(summary, log_dir, run_name):
+    """A training run's closing figures: all of them to <log_dir>/<run_name>_summary.json, and
+    all but the config printed."""
+    with open(os.path.join(log_dir, f"{run_name}_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
 
 
 # ----------------------------------------------------------------------------- checkpoints
