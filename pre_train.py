@@ -295,8 +295,7 @@ if __name__ == "__main__":
                 + (" (best)" if improved else ""))
         if world_size > 1:
             torch.distributed.barrier()
-    if world_size > 1:
-        util.leave_process_group(is_main)     # only the main process goes on, to test
+    util.leave_process_group(is_main)     # only the main process goes on, to test
 
     best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
     core_model.load_state_dict(best["model"])

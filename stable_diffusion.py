@@ -228,8 +228,7 @@ if __name__ == "__main__":
             span_start, span_latents = time.time(), 0
         if world_size > 1:
             torch.distributed.barrier()
-    if world_size > 1:
-        util.leave_process_group(is_main)     # only the main process goes on, to test and sample
+    util.leave_process_group(is_main)     # only the main process goes on, to test and sample
 
     best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
     ema_unet.load_state_dict(best["ema_model"])

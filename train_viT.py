@@ -202,8 +202,7 @@ if __name__ == "__main__":
                   + (" (best)" if improved else ""))
         if world_size > 1:
             torch.distributed.barrier()
-    if world_size > 1:
-        util.leave_process_group(is_main)     # only the main process goes on, to test and sample
+    util.leave_process_group(is_main)     # only the main process goes on, to test and sample
 
     best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
     prior.load_state_dict(best["model"])

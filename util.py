@@ -226,7 +226,10 @@ def leave_process_group(is_main):
     the last epoch's barrier, and the main one goes on alone to test and sample. The others stop
     here with os._exit, skipping Python's shutdown: there a gloo worker thread still letting go of
     the last collective can take the whole process down with SIGABRT ("terminate called without an
-    active exception", pytorch/pytorch#190489), in about 1 run in 20 of two CPU processes here."""
+    active exception", pytorch/pytorch#190489), in about 1 run in 20 of two CPU processes here.
+    A run in one process has no group to leave."""
+    if not torch.distributed.is_initialized():
+        return
     torch.distributed.destroy_process_group()
     if not is_main:
         sys.stdout.flush()
