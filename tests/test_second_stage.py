@@ -540,16 +540,17 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
 
 
 def test_diffusion_learns_to_use_its_timestep_and_z(first_stage_dir, tmp_path):
-    """Told a wrong t or z, the trained U-Net must do clearly worse on validate latents (it did
-    11% and 26% worse); a U-Net that ignores t or z would not."""
+    """Told a wrong t or z, the trained U-Net must do clearly worse on validate latents; a U-Net
+    that ignores t or z would do exactly as well. With seeds 0-3 on an AVX2 CPU it did 10-12% and
+    50-54% worse. After 8 epochs it was 4.5-8% and 12-29%: too close to call on every CPU."""
     run_script("stable_diffusion.py", second_stage_args(
-        first_stage_dir, *TINY_DIFFUSION, *NO_SEARCH["stable_diffusion.py"], "--EPOCHS=8", "--BATCH_SIZE=4", "--LR=3e-3",
+        first_stage_dir, *TINY_DIFFUSION, *NO_SEARCH["stable_diffusion.py"], "--EPOCHS=16", "--BATCH_SIZE=4", "--LR=3e-3",
         "--EMA_DECAY=0.9", "--EVAL_EVERY=3",
         f"--CKPT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"))
     unet, diffusion, checkpoint = load_diffusion(str(tmp_path / "vqvae_diffusion_best.pt"), "cpu")
-    steps_per_epoch = checkpoint["step"] // checkpoint["epoch"]     # validated after epochs 3, 6 and the last, 8
+    steps_per_epoch = checkpoint["step"] // checkpoint["epoch"]     # validated every 3 epochs and after the last
     assert list(read_log(str(tmp_path / "vqvae_diffusion.log"))["val_loss"][0]) == [
-        epoch * steps_per_epoch - 1 for epoch in (3, 6, 8)]
+        epoch * steps_per_epoch - 1 for epoch in (3, 6, 9, 12, 15, 16)]
     validate = util.load_checkpoint(str(first_stage_dir / "latents" / "vqvae_validate.pt"))
     stats = checkpoint["stats"]
     latents = ((diffusion_latents(validate) - stats["latent_mean"]) / stats["latent_std"]).repeat(4, 1, 1, 1)
@@ -566,7 +567,7 @@ def test_diffusion_learns_to_use_its_timestep_and_z(first_stage_dir, tmp_path):
 
     true = loss(same, same)
     assert loss(lambda t: torch.full_like(t, 500), same) > 1.05 * true       # its t-blind twin
-    assert loss(same, lambda z: (z + 16) % 32) > 1.15 * true                # the slice 16 z-indices away
+    assert loss(same, lambda z: (z + 16) % 32) > 1.25 * true                # the slice 16 z-indices away
 
 
 @pytest.mark.parametrize("script, extra", [("train_viT.py", TINY_PRIOR), ("stable_diffusion.py", TINY_DIFFUSION)])
