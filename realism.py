@@ -41,7 +41,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg, stats
 
 import dataset
 import util
@@ -141,6 +140,7 @@ def describe(volumes, critic, train_volumes=None, test_volumes=None):
 # ----------------------------------------------------------------------------- figures
 def frechet_distance(features_a, features_b):
     """Frechet distance between Gaussians fitted to two feature sets (N, F), as FID."""
+    from scipy import linalg    # scipy where it is used: at the top it cost every script that imports realism 1.3 s
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
     cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
     covmean = linalg.sqrtm(cov_a @ cov_b).real
@@ -175,6 +175,7 @@ def score(description, reference, volumes=None):
         figures["frechet_distance"] = (frechet_distance(flat_features, reference_features)
                                        / np.trace(np.cov(reference_features, rowvar=False)))
     if description["tissue_area"] is not None:
+        from scipy import stats     # as in frechet_distance
         distances = [stats.wasserstein_distance(100 * d["tissue_area"][:, band:band + Z_BAND, tissue].ravel(),
                                                 100 * reference["tissue_area"][:, band:band + Z_BAND, tissue].ravel())
                      for band in range(0, num_z, Z_BAND) for tissue in range(len(TISSUE_NAMES))]
@@ -277,6 +278,7 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes, se
         figures = score(describe(sample(setting), critic, train_volumes), reference)
         rows.append({"setting": setting, "figures": figures, "distance_to_real": distance_to_real(figures, real)})
     metrics = [m for m in SELECTION_METRICS if all(m in row["distance_to_real"] for row in rows)]
+    from scipy import stats     # as in frechet_distance
     # rounded: the same slices in another order tie, rather than rank by their sums' rounding
     ranks = np.stack([stats.rankdata(np.round([row["distance_to_real"][metric] for row in rows], 9))
                       for metric in metrics])
