@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
+# ----------------------------------------------------------------------------- config
 LOG_DIR = "log"
 SMOOTHING = 5              # moving-average window of the plotted curves
 
@@ -121,9 +122,9 @@ def plot_log(path, out_path, smoothing=SMOOTHING):
 if __name__ == "__main__":
     import util
     util.check_single_process()
-    arguments = sys.argv[1:]
-    util.apply_overrides(globals(), [a for a in arguments if a.startswith("--") or a.endswith(".py")])
-    runs = [a for a in arguments if not (a.startswith("--") or a.endswith(".py"))] \
+    options = [a for a in sys.argv[1:] if a.startswith("-") or a.endswith(".py")]
+    util.apply_overrides(globals(), options)
+    runs = [a for a in sys.argv[1:] if a not in options] \
         or sorted(f[:-4] for f in os.listdir(LOG_DIR) if f.endswith(".log"))
     if not runs:
         raise SystemExit(f"no logs in {LOG_DIR}/; train something first (python pre_train.py)")

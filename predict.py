@@ -59,6 +59,7 @@ CKPT_DIR = "model_ckpt"
 LATENT_DIR = "collected_latents"
 LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
+
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 

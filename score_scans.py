@@ -42,6 +42,7 @@ MATCH_INTENSITY = True       # map each of your brains' intensities onto those o
 CKPT_DIR = "model_ckpt"
 LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
+
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 

@@ -6,10 +6,12 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import sys
 import tempfile
+import tokenize
 
 import numpy as np
 import torch
@@ -478,10 +480,35 @@ def resume(last_path, config, shape_keys, targets, verbose=True):
 
 
 # ----------------------------------------------------------------------------- config overrides
+def config_block(path):
+    """A script's settings as {NAME: [comment, ...]}: the constants assigned in its config block,
+    from its `# ---- config` line to the first blank line, each with the comment on its line and
+    the indented comment lines that continue it. None where the script has no such block."""
+    block, name = None, None
+    with open(path) as f:
+        for token in tokenize.generate_tokens(f.readline):
+            if block is None:
+                if token.type == tokenize.COMMENT and token.start[1] == 0 and re.match(r"# -+ config", token.string):
+                    block = {}
+            elif token.type == tokenize.NL and not token.line.strip():
+                break                                   # the blank line that ends the block
+            elif token.type == tokenize.COMMENT and name and token.start[1] > 0:
+                block[name].append(token.string)
+            elif token.start[1] == 0 and token.type not in (tokenize.NL, tokenize.NEWLINE):
+                # anything at column 0, a section comment included, ends the last constant's comments
+                name = token.string if token.type == tokenize.NAME and token.string.isupper() else None
+                if name:
+                    block[name] = []
+    return block
+
+
 def config_names(namespace):
-    """The user-editable constants of a script: its upper-case globals of plain types."""
+    """The user-editable constants of a script: its upper-case globals of plain types, only those
+    of its config block where it has one (so that NUM_Z, SHAPE_KEYS or an imported constant
+    cannot be overridden)."""
+    block = config_block(namespace["__file__"]) if namespace.get("__file__") else None
     return [name for name, value in namespace.items()
-            if name.isupper() and not name.startswith("_")
+            if name.isupper() and not name.startswith("_") and (block is None or name in block)
             and isinstance(value, (int, float, bool, str, tuple, list, type(None)))]
 
 
@@ -568,17 +595,37 @@ def checked_channel_mults(config):
     return mults
 
 
+def config_help(namespace):
+    """What `--help` prints: how to call the script, its docstring, and every constant as
+    `NAME = value  # its comment`, the values as the arguments before --help left them."""
+    path = namespace.get("__file__")
+    comments = (config_block(path) or {}) if path else {}
+    lines = [f"usage: python {os.path.basename(path or sys.argv[0])} [config/preset.py ...] [--NAME=value ...]", "",
+             (namespace.get("__doc__") or "").strip(), "",
+             "constants (--NAME=value, or NAME = value lines in a config file; arguments apply left to right):"]
+    for name in config_names(namespace):
+        assignment = f"{name} = {namespace[name]!r}"
+        first, *more = comments.get(name) or [""]
+        lines.append(f"{assignment:<40} {first}".rstrip())
+        lines += [f"{'':<40} {comment}" for comment in more]
+    return "\n".join(lines)
+
+
 def apply_overrides(namespace, argv=None, other_types=None):
     """Override a script's upper-case constants in place, nanoGPT style. Arguments are read
     left to right: `path/to/preset.py` executes a small config file of plain assignments,
     `--NAME=value` sets one constant (a Python literal; bare text for strings). A value must
     have its default's type, or the type `other_types` ({name: type}) allows besides it (an int
     or a tuple of per-level counts). Unknown names, values of the wrong type and unreadable
-    config files stop with a UserError. Returns the final {name: value} config."""
+    config files stop with a UserError. `--help` (or `-h`) prints config_help and exits.
+    Returns the final {name: value} config."""
     argv = sys.argv[1:] if argv is None else argv
     other_types = other_types or {}
     names = config_names(namespace)
     for arg in argv:
+        if arg in ("--help", "-h"):
+            print(config_help(namespace))
+            raise SystemExit(0)
         if arg.startswith("--"):
             if "=" not in arg:
                 raise UserError(f"argument {arg!r}: expected --NAME=value")

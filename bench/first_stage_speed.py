@@ -39,6 +39,7 @@ import model_VAE  # noqa: E402
 from model_discriminator import hinge_discriminator_loss  # noqa: E402
 from module import GroupNorm  # noqa: E402
 
+# ----------------------------------------------------------------------------- config
 FIRST_STAGE_PRESET = "config/pre_train_grid16.py"   # a config/pre_train*.py file for our contestant ("" =
                              # pre_train.py's CPU preset); its IMG_SIZE is everyone's image size. The race is on
                              # a 16x16 grid, so the default is the CPU preset's 16x16 variant

@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 import realism  # noqa: E402
 import util  # noqa: E402
 
+# ----------------------------------------------------------------------------- config
 TARGET = "demo"              # the Makefile target: "demo" (what `make` runs) or "gpu"
 MAKE_ARGUMENTS = ()          # more arguments for make, e.g. ("DATA_DIR=/data/oasis",)
 LOG_DIR = "log"              # where the scripts write their summaries and realism tables (their default)

@@ -30,6 +30,7 @@ from model_prior import load_prior  # noqa: E402
 from model_VAE import load_first_stage  # noqa: E402
 from train_viT import histogram_baseline, histogram_nats_per_code  # noqa: E402
 
+# ----------------------------------------------------------------------------- config
 FIRST_STAGE = "vqvae"        # a VQVAE run whose prior, diffusion and predict.py have run
 RESPACED_STEPS = 100         # the respaced DDPM's steps: predict.DDPM_STEPS, the CPU's
 DIFFUSION_RUN = ""           # "" = <FIRST_STAGE>_diffusion; or another stable_diffusion.py run on that first stage

@@ -176,6 +176,13 @@ MUTATIONS = [
     # every torchrun process going on past training, to test and sample again and to shut Python down
     ("other_processes_go_on_after_training", "util.py", "        os._exit(0)\n", "",
      ["tests/test_util.py::test_only_the_main_process_goes_on_after_training"]),
+    # every upper-case global settable again (NUM_Z, SHAPE_KEYS), and --help without its continued comments
+    ("constants_outside_the_config_block_settable", "util.py", "                block = {}\n", "                block = None\n",
+     ["tests/test_util.py::test_only_the_config_block_is_settable_and_help_lists_it_with_its_comments",
+      "tests/test_user_errors.py::test_help_lists_the_settings_as_a_preset_leaves_them_and_runs_nothing"]),
+    ("help_drops_continued_comments", "util.py", "and name and token.start[1] > 0:",
+     "and name and not token.line.lstrip().startswith(\"#\"):",
+     ["tests/test_util.py::test_only_the_config_block_is_settable_and_help_lists_it_with_its_comments"]),
 ]
 
 

@@ -91,6 +91,19 @@ def test_missing_config_file_and_unknown_constant(tmp_path):
     assert_one_sentence(returncode, stderr, "unknown constant 'EPOCH'")
 
 
+def test_help_lists_the_settings_as_a_preset_leaves_them_and_runs_nothing(tmp_path):
+    returncode, stdout, stderr = run_script("pre_train.py", os.path.join(ROOT, "config", "pre_train_vae.py"), "--help",
+                                            cwd=tmp_path)
+    assert returncode == 0 and stderr == ""
+    assert "First stage: train a VQVAE-GAN or VAE-GAN" in stdout
+    for line in ("MODE = 'VAE'", "EPOCHS = 10", "GAN_START_STEP = 672", "BATCH_SIZE = 16"):
+        assert any(row.startswith(line + " ") or row == line for row in stdout.splitlines()), line
+    assert "SHAPE_KEYS" not in stdout and "NUM_Z" not in stdout
+    assert os.listdir(tmp_path) == []
+    returncode, _, stderr = run_script("pre_train.py", "--NUM_Z=16", cwd=tmp_path)
+    assert_one_sentence(returncode, stderr, "unknown constant 'NUM_Z'")
+
+
 def test_missing_first_stage_checkpoint_says_which_command_makes_it(tmp_path):
     returncode, _, stderr = run_script("latent_dataset.py", "--FIRST_STAGE=vae", f"--CKPT_DIR={tmp_path}")
     assert_one_sentence(returncode, stderr, f"first-stage checkpoint {tmp_path}/vae_best.pt does not exist; "

@@ -1,5 +1,6 @@
 import os
 import random
+import runpy
 import subprocess
 import sys
 
@@ -207,6 +208,39 @@ def test_positive_int_check_names_the_constant():
 def test_bad_overrides_are_clear_errors(argument, message):
     with pytest.raises(util.UserError, match=message):
         util.apply_overrides(script_constants(), [argument])
+
+
+A_SCRIPT = '''"""Trains a thing."""
+import os
+
+ROOT = os.path.dirname(__file__)
+
+# ----------------------------------------------------------------------------- config
+EPOCHS = 3                   # passes over the data
+LR = 1e-3                    # the peak learning rate,
+                             # decayed to LR / 10
+# model
+CHANNELS = (8, 16)
+
+SHAPE_KEYS = ("CHANNELS",)   # not a setting: after the config block's blank line
+'''
+
+
+def test_only_the_config_block_is_settable_and_help_lists_it_with_its_comments(tmp_path, capsys):
+    (tmp_path / "train_thing.py").write_text(A_SCRIPT)
+    namespace = runpy.run_path(str(tmp_path / "train_thing.py"))
+    assert util.config_names(namespace) == ["EPOCHS", "LR", "CHANNELS"]
+    with pytest.raises(util.UserError, match="unknown constant 'SHAPE_KEYS'; this script has: CHANNELS, EPOCHS, LR$"):
+        util.apply_overrides(dict(namespace), ["--SHAPE_KEYS=()"])
+    with pytest.raises(SystemExit) as stop:
+        util.apply_overrides(namespace, ["--EPOCHS=5", "--help", "--LR=oops"])    # help at once, as set so far
+    assert stop.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["usage: python train_thing.py [config/preset.py ...] [--NAME=value ...]", "", "Trains a thing."]
+    constants = lines[lines.index("Trains a thing.") + 3:]
+    assert [line.split("#")[0].rstrip() for line in constants] == ["EPOCHS = 5", "LR = 0.001", "", "CHANNELS = (8, 16)"]
+    assert [line.split("#", 1)[-1] for line in constants[:3]] == [" passes over the data", " the peak learning rate,",
+                                                                 " decayed to LR / 10"]
 
 
 def test_config_file_then_command_line(tmp_path):
