@@ -502,11 +502,16 @@ def config_block(path):
     return block
 
 
+def script_config_block(namespace):
+    """config_block of the script whose globals `namespace` holds; None for a plain dict."""
+    return config_block(namespace["__file__"]) if namespace.get("__file__") else None
+
+
 def config_names(namespace):
     """The user-editable constants of a script: its upper-case globals of plain types, only those
     of its config block where it has one (so that NUM_Z, SHAPE_KEYS or an imported constant
     cannot be overridden)."""
-    block = config_block(namespace["__file__"]) if namespace.get("__file__") else None
+    block = script_config_block(namespace)
     return [name for name, value in namespace.items()
             if name.isupper() and not name.startswith("_") and (block is None or name in block)
             and isinstance(value, (int, float, bool, str, tuple, list, type(None)))]
@@ -598,9 +603,8 @@ def checked_channel_mults(config):
 def config_help(namespace):
     """What `--help` prints: how to call the script, its docstring, and every constant as
     `NAME = value  # its comment`, the values as the arguments before --help left them."""
-    path = namespace.get("__file__")
-    comments = (config_block(path) or {}) if path else {}
-    lines = [f"usage: python {os.path.basename(path or sys.argv[0])} [config/preset.py ...] [--NAME=value ...]", "",
+    comments = script_config_block(namespace) or {}
+    lines = [f"usage: python {os.path.basename(namespace.get('__file__') or sys.argv[0])} [config/preset.py ...] [--NAME=value ...]", "",
              (namespace.get("__doc__") or "").strip(), "",
              "constants (--NAME=value, or NAME = value lines in a config file; arguments apply left to right):"]
     for name in config_names(namespace):
