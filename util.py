@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import tokenize
+import warnings
 
 import numpy as np
 import torch
@@ -209,6 +210,11 @@ def setup_distributed():
     this process's device; a plain `python script.py` run just gets get_device()."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return get_device()
+    # DDP compares each gradient's strides with its bucket's, size-1 dims included, so the 1x1 conv
+    # that reads the attention's channels-last output (AttentionBlock.proj) warned on every run,
+    # though PyTorch's layout contract ignores size-1 dims and the reducer copies the gradient
+    # into its bucket either way
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
