@@ -24,7 +24,6 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import realism
 import util
@@ -194,19 +193,9 @@ if __name__ == "__main__":
                                          CUDA_GRAPHS and device.type == "cuda" and world_size == 1)
     span_start, span_latents = time.time(), 0     # throughput over the epochs since the last validation
     for epoch in range(start_epoch, EPOCHS):
-        train_loader.sampler.set_epoch(epoch)
-        epoch_start = time.time()
-        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
-        for latents, z in progress:
-            util.set_learning_rate(optimizer, util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR,
-                                                                        MIN_LR_RATIO))
-            values = step_values.add(step, run_step(latents.to(device, non_blocking=True),
-                                                    z.to(device, non_blocking=True)))
-            if is_main and values:
-                progress.set_postfix(loss=f"{values['train_loss']:.4f}")
-            step += 1
-        step_values.flush()
-        train_seconds += time.time() - epoch_start
+        step, epoch_seconds = util.train_epoch(train_loader, epoch, EPOCHS, run_step, optimizer, step, step_values,
+                                               device, LR, MIN_LR_RATIO, show_progress=is_main)
+        train_seconds += epoch_seconds
         span_latents += len(train_loader) * BATCH_SIZE * world_size
 
         if is_main and (epoch + 1) % GRID_EVERY == 0:

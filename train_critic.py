@@ -14,11 +14,9 @@ log/<run>_summary.json.
 predict.py reads the critic to compute the realism metrics (realism.py).
 """
 import os
-import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import dataset
 import util
@@ -130,19 +128,10 @@ if __name__ == "__main__":
 
     run_step = util.training_step_runner(training_step, [optimizer], CUDA_GRAPHS and device.type == "cuda")
     for epoch in range(start_epoch, EPOCHS):
-        train_loader.sampler.set_epoch(epoch)
-        epoch_start = time.time()
-        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", leave=False)
-        for images, segs, _, zs in progress:
-            util.set_learning_rate(optimizer, util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR,
-                                                                        MIN_LR_RATIO))
-            inputs = (images, zs) if segs is None else (images, zs, segs)   # a graph's inputs are tensors
-            values = step_values.add(step, run_step(*(tensor.to(device, non_blocking=True) for tensor in inputs)))
-            if values:
-                progress.set_postfix(loss=f"{values['train_loss']:.4f}")
-            step += 1
-        step_values.flush()
-        train_seconds += time.time() - epoch_start
+        step, epoch_seconds = util.train_epoch(   # a graph's inputs are tensors: no None for absent segs
+            train_loader, epoch, EPOCHS, run_step, optimizer, step, step_values, device, LR, MIN_LR_RATIO,
+            inputs=lambda images, segs, _, zs: (images, zs) if segs is None else (images, zs, segs))
+        train_seconds += epoch_seconds
 
         validation = evaluate(critic, validate_loader, device)
         val_loss = validation["z_loss"] + validation.get("seg_loss", 0.0)
@@ -155,7 +144,7 @@ if __name__ == "__main__":
         util.save_checkpoint(checkpoint, path)
         dice = "".join(f", Dice {name} {validation[f'dice_{name}']:.3f}" for name in model_critic.TISSUE_NAMES
                        if f"dice_{name}" in validation)
-        images_per_second = len(train_loader) * BATCH_SIZE / (time.time() - epoch_start)
+        images_per_second = len(train_loader) * BATCH_SIZE / epoch_seconds
         print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val loss {val_loss:.4f}, z within +-2 "
               f"{validation['z_within_2']:.1%}{dice}, {images_per_second:.0f} img/s")
 

@@ -23,7 +23,6 @@ import time
 import torch
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import realism
 import util
@@ -168,19 +167,9 @@ if __name__ == "__main__":
     run_step = util.training_step_runner(training_step, [optimizer],
                                          CUDA_GRAPHS and device.type == "cuda" and world_size == 1)
     for epoch in range(start_epoch, EPOCHS):
-        train_loader.sampler.set_epoch(epoch)
-        epoch_start = time.time()
-        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{EPOCHS}", disable=not is_main, leave=False)
-        for codes, z in progress:
-            util.set_learning_rate(optimizer, util.cosine_learning_rate(step, EPOCHS * len(train_loader), LR,
-                                                                        MIN_LR_RATIO))
-            values = step_values.add(step, run_step(codes.to(device, non_blocking=True),
-                                                    z.to(device, non_blocking=True)))
-            if is_main and values:
-                progress.set_postfix(loss=f"{values['train_loss']:.4f}")
-            step += 1
-        step_values.flush()
-        train_seconds += time.time() - epoch_start
+        step, epoch_seconds = util.train_epoch(train_loader, epoch, EPOCHS, run_step, optimizer, step, step_values,
+                                               device, LR, MIN_LR_RATIO, show_progress=is_main)
+        train_seconds += epoch_seconds
 
         if is_main:
             val_loss = evaluate(prior, validate_loader, device)
@@ -198,7 +187,7 @@ if __name__ == "__main__":
                           **util.rng_states()}
             util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val {val_loss:.4f} nats/code, "
-                  f"{len(train_loader) * BATCH_SIZE * world_size / (time.time() - epoch_start):.1f} slices/s"
+                  f"{len(train_loader) * BATCH_SIZE * world_size / epoch_seconds:.1f} slices/s"
                   + (" (best)" if improved else ""))
         if world_size > 1:
             torch.distributed.barrier()

@@ -11,12 +11,14 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 import tokenize
 import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- Gaussian windows, SSIM
@@ -337,6 +339,25 @@ def training_step_runner(step, optimizers, graphed):
     for optimizer in optimizers:
         set_capturable(optimizer, graphed)
     return CudaGraphStep(step) if graphed else step
+
+
+def train_epoch(loader, epoch, epochs, run_step, optimizer, step, step_values, device, learning_rate, min_lr_ratio,
+                show_progress=True, inputs=lambda *batch: batch):
+    """One epoch of a one-optimizer training loop (the critic's, the prior's, the diffusion's):
+    per batch, the optimizer's learning rate from the cosine schedule at `step`, then
+    run_step(*inputs(*batch)) with the inputs on `device`, its values into `step_values` and onto
+    the progress bar. Returns (the step after the epoch, the epoch's seconds)."""
+    loader.sampler.set_epoch(epoch)
+    start = time.time()
+    progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress, leave=False)
+    for batch in progress:
+        set_learning_rate(optimizer, cosine_learning_rate(step, epochs * len(loader), learning_rate, min_lr_ratio))
+        values = step_values.add(step, run_step(*(tensor.to(device, non_blocking=True) for tensor in inputs(*batch))))
+        if values:
+            progress.set_postfix(loss=f"{values['train_loss']:.4f}")
+        step += 1
+    step_values.flush()
+    return step, time.time() - start
 
 
 class CudaGraphStep:
