@@ -9,6 +9,7 @@ The demo brains are template-derived demo data, NOT OASIS: pseudo-brains made fr
 skull-stripped MNI152 2009a T1 template that ships inside the nilearn package, each with its
 own smooth elastic warp, small affine change and intensity change (gamma, bias field).
 """
+import functools
 import glob
 import hashlib
 import json
@@ -428,23 +429,25 @@ def _write_brain(out_dir, split, brain_id, slices, labels):
                 os.path.join(seg_folder(out_dir, split), f"seg_{brain_id}_slice_{z}.nii.png"))
 
 
-def _write_dataset(out_dir, brains, info):
-    """Write (split, brain_id, volume, rng) brains into a temporary folder and rename it to
-    `out_dir` at the end, so an interrupted build never looks finished. An existing `out_dir`
-    is replaced only when this function wrote it (it holds dataset_info.json)."""
+def _write_dataset(out_dir, brains, info, setting="NIFTI_OUT_DIR"):
+    """Write (split, brain_id, slices) brains, slices() giving (uint8 slices (32, S, S), tissue
+    labels or None), into a temporary folder and rename it to `out_dir` at the end, so an
+    interrupted build never looks finished. An existing `out_dir` is replaced only when this
+    function wrote it (it holds dataset_info.json); else the error names `setting`, the constant
+    that chose the folder."""
     if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
         raise util.UserError(f"{out_dir} exists and was not written by dataset.py (no dataset_info.json); "
-                             f"choose a new folder (NIFTI_OUT_DIR) rather than overwrite it")
+                             f"choose a new folder ({setting}) rather than overwrite it")
     partial = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
 
     def build(brain):
-        split, brain_id, volume, rng = brain
-        _write_brain(partial, split, brain_id, *render_brain(volume, rng))
+        split, brain_id, slices = brain
+        _write_brain(partial, split, brain_id, *slices())
 
     # brains are independent (each has its own generator) and SciPy / PIL release the GIL: one thread per core
     with ThreadPoolExecutor(max_workers=max(1, min(len(brains), os.cpu_count() or 1))) as pool:
-        for _ in tqdm(pool.map(build, brains), total=len(brains), desc=f"building {out_dir}", unit="brain"):
+        for _ in tqdm(pool.map(build, brains), total=len(brains), desc=f"writing {out_dir}", unit="brain"):
             pass
     with open(os.path.join(partial, "dataset_info.json"), "w") as f:
         json.dump(info, f, indent=2)
@@ -463,7 +466,7 @@ def build_demo_brains(out_dir, brains_per_split, seed):
     train / validate / test splits is render_brain(MNI152 template, Generator([seed, i]))."""
     template = load_volume(template_path("t1"), [template_path("gm"), template_path("wm")])
     splits = [split for split, count in zip(SPLITS, brains_per_split) for _ in range(count)]
-    brains = [(split, i + 1, template, np.random.default_rng([seed, i]))
+    brains = [(split, i + 1, functools.partial(render_brain, template, np.random.default_rng([seed, i])))
               for i, split in enumerate(splits)]
     info = {"kind": "template-derived demo brains (MNI152 2009a via nilearn), not OASIS",
             "brains_per_split": list(brains_per_split), "seed": seed}
@@ -515,8 +518,19 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
             to_volume, overlap = align_to_template(volume, reference)
             volume["frame"] = {"bounds": reference["bounds"], "to_volume": to_volume}
             sources[i + 1]["alignment_overlap"] = round(overlap, 3)
-        brains.append((splits[i], i + 1, volume, None))
+        brains.append((splits[i], i + 1, functools.partial(render_brain, volume)))
     return _write_dataset(out_dir, brains, {"kind": "converted NIfTI volumes", "sources": sources})
+
+
+def write_volumes(out_dir, volumes, info, setting, split="test"):
+    """Volumes (V, 32, 1, S, S) in [-1, 1], generated ones say, as brains 1..V of `split` in the
+    OASIS layout, which OasisSlices(split, out_dir, S).volumes() reads back to a grey level.
+    They are quantised as util.save_image_grid's pictures are, so a picture shows these values.
+    `setting`: the constant that named out_dir, for the error if it holds other files."""
+    grey = volumes.detach().float().cpu().add(1).div(2).clamp(0, 1).mul(255).add(0.5).to(torch.uint8)
+    brains = [(split, i + 1, functools.partial(lambda slices: (slices, None), volume[:, 0].numpy()))
+              for i, volume in enumerate(grey)]
+    return _write_dataset(out_dir, brains, info, setting)
 
 
 def resolve_data_dir(data_dir=None):

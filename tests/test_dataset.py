@@ -308,3 +308,16 @@ def test_conversion_replaces_its_own_folder_but_no_other(tmp_path):
     with pytest.raises(util.UserError, match="precious exists and was not written by dataset.py"):
         dataset.convert_nifti([scan], str(tmp_path / "precious"), "test")
     assert os.listdir(tmp_path / "precious") == ["notes.txt"]
+
+
+def test_written_volumes_read_back_to_a_grey_level_and_replace_no_other_folder(tmp_path):
+    volumes = torch.rand(2, 32, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1   # some out of range
+    folder = dataset.write_volumes(str(tmp_path / "generated"), volumes, {"kind": "random volumes"}, "VOLUMES_DIR")
+    read = dataset.OasisSlices("test", folder, 16).volumes()
+    assert read.shape == volumes.shape
+    assert (read - volumes.clamp(-1, 1)).abs().max() <= 1 / 255 + 1e-6     # rounded to the nearest of 256 grey levels
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(util.UserError, match=r"precious exists and was not written by dataset.py.*\(VOLUMES_DIR\)"):
+        dataset.write_volumes(str(tmp_path / "precious"), volumes, {}, "VOLUMES_DIR")
+    assert os.listdir(tmp_path / "precious") == ["notes.txt"]

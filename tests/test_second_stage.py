@@ -496,7 +496,8 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
         search = summary[f"{setting}_search"]
         assert len(search) == options and min(search, key=lambda row: row["mean_rank"])["setting"] == summary[setting]
         assert util.load_checkpoint(str(first_stage_dir / "ckpt" / f"vqvae_{run}_best.pt"))[setting] == summary[setting]
-    run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--GIF_EVERY=10"))
+    run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--GIF_EVERY=10",
+                                               f"--VOLUMES_DIR={first_stage_dir / 'generated'}"))
     results = json.loads((first_stage_dir / "log" / "vqvae_predict.json").read_text())
     assert 0 < results["ssim"] <= 1 and 0 < results["codebook_usage"] <= 1
     realism = json.loads((first_stage_dir / "log" / "vqvae_realism.json").read_text())
@@ -511,6 +512,18 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     for name, entry in realism["sources"].items():
         assert set(entry["distance_to_real"]) <= set(entry["figures"]) and all(
             value >= 0 for value in entry["distance_to_real"].values()), name
+    for name in samplers:     # each sampler's volumes as data, in (brain, z) order: the grey levels its picture shows
+        folder = first_stage_dir / "generated" / f"vqvae_{name}"
+        info = json.loads((folder / "dataset_info.json").read_text())
+        assert info["sampler"] == name and "not real brains" in info["kind"]
+        with Image.open(first_stage_dir / "visualize" / f"vqvae_generated_{name}.png") as picture:
+            grid = np.asarray(picture)[..., 0]           # the first volume, 4 x 8 slices, 2 px apart
+        size = (grid.shape[1] - 2) // 8 - 2
+        pictured = np.stack([grid[2 + row * (size + 2):][:size, 2 + column * (size + 2):][:, :size]
+                             for row in range(4) for column in range(8)])
+        written = dataset.OasisSlices("test", str(folder), size)
+        assert written.volumes().shape == (2, 32, 1, size, size)
+        assert np.array_equal(written.images[:32], pictured), name
     blurred = realism["sources"]["validate_blurred"]["figures"]
     assert blurred["sharpness"] < 1 < realism["sources"]["validate_noisy"]["figures"]["sharpness"]
     speckled, real = (realism["sources"][name]["figures"] for name in ("validate_speckled", "real_validate"))
