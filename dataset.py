@@ -429,7 +429,7 @@ def _write_brain(out_dir, split, brain_id, slices, labels):
                 os.path.join(seg_folder(out_dir, split), f"seg_{brain_id}_slice_{z}.nii.png"))
 
 
-def _write_dataset(out_dir, brains, info, setting="NIFTI_OUT_DIR"):
+def _write_dataset(out_dir, brains, info, setting):
     """Write (split, brain_id, slices) brains, slices() giving (uint8 slices (32, S, S), tissue
     labels or None), into a temporary folder and rename it to `out_dir` at the end, so an
     interrupted build never looks finished. An existing `out_dir` is replaced only when this
@@ -470,7 +470,7 @@ def build_demo_brains(out_dir, brains_per_split, seed):
               for i, split in enumerate(splits)]
     info = {"kind": "template-derived demo brains (MNI152 2009a via nilearn), not OASIS",
             "brains_per_split": list(brains_per_split), "seed": seed}
-    return _write_dataset(out_dir, brains, info)
+    return _write_dataset(out_dir, brains, info, "DEMO_DIR")
 
 
 def find_nifti(patterns, name="NIFTI_FILES"):
@@ -519,7 +519,7 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
             volume["frame"] = {"bounds": reference["bounds"], "to_volume": to_volume}
             sources[i + 1]["alignment_overlap"] = round(overlap, 3)
         brains.append((splits[i], i + 1, functools.partial(render_brain, volume)))
-    return _write_dataset(out_dir, brains, {"kind": "converted NIfTI volumes", "sources": sources})
+    return _write_dataset(out_dir, brains, {"kind": "converted NIfTI volumes", "sources": sources}, "NIFTI_OUT_DIR")
 
 
 def write_volumes(out_dir, volumes, info, setting, split="test"):
