@@ -631,7 +631,8 @@ def config_help(namespace):
     """What `--help` prints: how to call the script, its docstring, and every constant as
     `NAME = value  # its comment`, the values as the arguments before --help left them."""
     comments = script_config_block(namespace) or {}
-    lines = [f"usage: python {os.path.basename(namespace.get('__file__') or sys.argv[0])} [config/preset.py ...] [--NAME=value ...]", "",
+    script = os.path.basename(namespace.get("__file__") or sys.argv[0])
+    lines = [f"usage: python {script} [config/preset.py ...] [--NAME=value ...]", "",
              (namespace.get("__doc__") or "").strip(), "",
              "constants (--NAME=value, or NAME = value lines in a config file; arguments apply left to right):"]
     for name in config_names(namespace):
