@@ -525,9 +525,9 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
 def write_volumes(out_dir, volumes, info, setting, split="test"):
     """Volumes (V, 32, 1, S, S) in [-1, 1], generated ones say, as brains 1..V of `split` in the
     OASIS layout, which OasisSlices(split, out_dir, S).volumes() reads back to a grey level.
-    They are quantised as util.save_image_grid's pictures are, so a picture shows these values.
+    They are quantised by util.grey_levels, as pictures are, so a picture shows these values.
     `setting`: the constant that named out_dir, for the error if it holds other files."""
-    grey = volumes.detach().float().cpu().add(1).div(2).clamp(0, 1).mul(255).add(0.5).to(torch.uint8)
+    grey = util.grey_levels(volumes)
     brains = [(split, i + 1, functools.partial(lambda slices: (slices, None), volume[:, 0].numpy()))
               for i, volume in enumerate(grey)]
     return _write_dataset(out_dir, brains, info, setting)

@@ -26,7 +26,6 @@ import time
 import imageio.v3 as iio
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
 import dataset
 import realism
@@ -66,15 +65,9 @@ VISUALIZE_DIR = "visualize"
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
-def grid_frame(images):
-    """(32, 1, H, W) images in [-1, 1] -> a 4 x 8 uint8 grid image (H', W')."""
-    grid = make_grid(images.float().cpu().add(1).div(2).clamp(0, 1), nrow=8, padding=2)
-    return (grid[0] * 255).round().to(torch.uint8).numpy()
-
-
 def save_denoising_gif(states, decode, path):
     """Decode each kept DDPM state of one volume and write them as a looping GIF."""
-    frames = np.stack([grid_frame(decode(state)) for state in states])
+    frames = np.stack([util.image_grid(decode(state)) for state in states])
     durations = [1000 / GIF_FPS] * (len(frames) - 1) + [1000 * GIF_HOLD_SECONDS]   # milliseconds
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     iio.imwrite(path, frames, duration=durations, loop=0)

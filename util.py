@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -176,11 +177,23 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def grey_levels(images):
+    """Images in [-1, 1] (any shape) as uint8 grey levels 0..255, each rounded to the nearest
+    level (x.5 up). Every picture, GIF frame and written volume goes through here, so a picture
+    shows exactly the values a written volume holds."""
+    return images.detach().float().cpu().add(1).div(2).clamp(0, 1).mul(255).add(0.5).to(torch.uint8)
+
+
+def image_grid(images, nrow=8):
+    """(B, 1, H, W) images in [-1, 1] as one uint8 grid (H', W') of `nrow` columns, 2 px apart."""
+    from torchvision.utils import make_grid
+    return make_grid(grey_levels(images), nrow=nrow, padding=2)[0].numpy()
+
+
 def save_image_grid(images, path, nrow=8):
-    """Save (B, 1, H, W) images in [-1, 1] as one PNG grid of `nrow` columns."""
-    from torchvision.utils import save_image
+    """Save (B, 1, H, W) images in [-1, 1] as one greyscale PNG grid of `nrow` columns."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(images.detach().float().cpu().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)
+    Image.fromarray(image_grid(images, nrow)).save(path)
 
 
 def world_size_and_rank():

@@ -187,9 +187,10 @@ MUTATIONS = [
     ("ddp_stride_warning_shown", "util.py",
      'warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")', "pass",
      [SECOND_STAGE + "test_torchrun_two_processes"]),
-    # generated volumes written truncated to a grey level, not rounded: not what their pictures show
-    ("written_volumes_truncated", "dataset.py", ".mul(255).add(0.5).to(torch.uint8)", ".mul(255).to(torch.uint8)",
-     ["tests/test_dataset.py::test_written_volumes_read_back_to_a_grey_level_and_replace_no_other_folder"]),
+    # pictures and generated volumes truncated to a grey level, not rounded
+    ("grey_levels_truncated", "util.py", ".mul(255).add(0.5).to(torch.uint8)", ".mul(255).to(torch.uint8)",
+     ["tests/test_dataset.py::test_written_volumes_read_back_to_a_grey_level_and_replace_no_other_folder",
+      "tests/test_util.py::test_picture_grid_holds_torchvisions_grey_levels_in_one_channel"]),
 ]
 
 

@@ -517,7 +517,7 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
         info = json.loads((folder / "dataset_info.json").read_text())
         assert info["sampler"] == name and "not real brains" in info["kind"]
         with Image.open(first_stage_dir / "visualize" / f"vqvae_generated_{name}.png") as picture:
-            grid = np.asarray(picture)[..., 0]           # the first volume, 4 x 8 slices, 2 px apart
+            grid = np.asarray(picture)                   # the first volume, 4 x 8 slices, 2 px apart
         size = (grid.shape[1] - 2) // 8 - 2
         pictured = np.stack([grid[2 + row * (size + 2):][:size, 2 + column * (size + 2):][:, :size]
                              for row in range(4) for column in range(8)])

@@ -269,6 +269,24 @@ def test_reconstruction_ssim_maps_minus_one_one_and_clamps(slice_pairs):
     assert torch.allclose(util.reconstruction_ssim(signed, overshoot), expected, atol=1e-6)
 
 
+
+def test_picture_grid_holds_torchvisions_grey_levels_in_one_channel(slice_pairs, tmp_path):
+    """save_image_grid against torchvision's save_image (RGB) on a real slice, a decoder's
+    overshoot past [-1, 1] and values on both sides of each rounding edge."""
+    from PIL import Image
+    from torchvision.utils import save_image
+    images, degraded = slice_pairs
+    edges = (torch.arange(256.0) / 255 * 2 - 1)[:, None] + torch.tensor([-1e-3, 1e-3, 1 / 255])   # x.5 levels
+    awkward = torch.cat([edges.flatten(), torch.tensor([-1.7, 1.3])]).repeat(6)[:64 * 64].reshape(1, 1, 64, 64)
+    batch = torch.cat([images[:3] * 2 - 1, degraded[:3] * 2 - 1, awkward])
+    util.save_image_grid(batch, str(tmp_path / "ours.png"), nrow=3)
+    save_image(batch.add(1).div(2).clamp(0, 1), str(tmp_path / "torchvision.png"), nrow=3, padding=2)
+    with Image.open(tmp_path / "ours.png") as ours, Image.open(tmp_path / "torchvision.png") as reference:
+        assert ours.mode == "L" and reference.mode == "RGB"
+        assert np.array_equal(np.asarray(ours), np.asarray(reference)[..., 0])
+    assert np.array_equal(util.grey_levels(batch).numpy(),
+                          np.floor(((batch.numpy() + 1) / 2).clip(0, 1) * 255 + 0.5).astype(np.uint8))
+
 LEAVE_AFTER_TRAINING = """
 import sys, torch
 sys.path.insert(0, {root!r})
