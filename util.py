@@ -640,15 +640,16 @@ def checked_channel_mults(config):
     return mults
 
 
-def config_help(namespace):
-    """What `--help` prints: how to call the script, its docstring, and every constant as
-    `NAME = value  # its comment`, the values as the arguments before --help left them."""
+def config_help(namespace, names):
+    """What `--help` prints: how to call the script, its docstring, and every constant of `names`
+    (config_names) as `NAME = value  # its comment`, the values as the arguments before --help
+    left them."""
     comments = script_config_block(namespace) or {}
     script = os.path.basename(namespace.get("__file__") or sys.argv[0])
     lines = [f"usage: python {script} [config/preset.py ...] [--NAME=value ...]", "",
              (namespace.get("__doc__") or "").strip(), "",
              "constants (--NAME=value, or NAME = value lines in a config file; arguments apply left to right):"]
-    for name in config_names(namespace):
+    for name in names:
         assignment = f"{name} = {namespace[name]!r}"
         first, *more = comments.get(name) or [""]
         lines.append(f"{assignment:<40} {first}".rstrip())
@@ -669,7 +670,7 @@ def apply_overrides(namespace, argv=None, other_types=None):
     names = config_names(namespace)
     for arg in argv:
         if arg in ("--help", "-h"):
-            print(config_help(namespace))
+            print(config_help(namespace, names))
             raise SystemExit(0)
         if arg.startswith("--"):
             if "=" not in arg:
