@@ -269,7 +269,6 @@ def test_reconstruction_ssim_maps_minus_one_one_and_clamps(slice_pairs):
     assert torch.allclose(util.reconstruction_ssim(signed, overshoot), expected, atol=1e-6)
 
 
-
 def test_picture_grid_holds_torchvisions_grey_levels_in_one_channel(slice_pairs, tmp_path):
     """save_image_grid against torchvision's save_image (RGB) on a real slice, a decoder's
     overshoot past [-1, 1] and values on both sides of each rounding edge."""
@@ -286,6 +285,7 @@ def test_picture_grid_holds_torchvisions_grey_levels_in_one_channel(slice_pairs,
         assert np.array_equal(np.asarray(ours), np.asarray(reference)[..., 0])
     assert np.array_equal(util.grey_levels(batch).numpy(),
                           np.floor(((batch.numpy() + 1) / 2).clip(0, 1) * 255 + 0.5).astype(np.uint8))
+
 
 LEAVE_AFTER_TRAINING = """
 import sys, torch
