@@ -670,7 +670,12 @@ def apply_overrides(namespace, argv=None, other_types=None):
     names = config_names(namespace)
     for arg in argv:
         if arg in ("--help", "-h"):
-            print(config_help(namespace, names))
+            try:
+                print(config_help(namespace, names), flush=True)
+            except BrokenPipeError:
+                # the reader stopped early (`--help | head`): end quietly, as any command-line tool; the
+                # unwritten text stays buffered, and Python's flush at exit would report the pipe again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0)
         if arg.startswith("--"):
             if "=" not in arg:

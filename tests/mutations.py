@@ -183,6 +183,9 @@ MUTATIONS = [
     ("help_drops_continued_comments", "util.py", "and name and token.start[1] > 0:",
      "and name and not token.line.lstrip().startswith(\"#\"):",
      ["tests/test_util.py::test_only_the_config_block_is_settable_and_help_lists_it_with_its_comments"]),
+    # `--help | head` ends in Python's report of the closed pipe when the help is flushed at exit
+    ("help_flushed_again_at_exit", "util.py", "os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())", "pass",
+     ["tests/test_user_errors.py::test_help_into_a_reader_that_stopped_ends_quietly"]),
     # DDP's spurious warning on the attention projection's gradient strides back in every torchrun run
     ("ddp_stride_warning_shown", "util.py",
      'warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")', "pass",

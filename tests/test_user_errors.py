@@ -104,6 +104,17 @@ def test_help_lists_the_settings_as_a_preset_leaves_them_and_runs_nothing(tmp_pa
     assert_one_sentence(returncode, stderr, "unknown constant 'NUM_Z'")
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_help_into_a_reader_that_stopped_ends_quietly(unbuffered):
+    read_end, write_end = os.pipe()
+    os.close(read_end)          # as `--help | head` once head has its lines: every write meets a closed pipe
+    env = dict(os.environ, PYTHONUNBUFFERED=unbuffered)     # "": stdout buffered, as in most shells
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--help"], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_missing_first_stage_checkpoint_says_which_command_makes_it(tmp_path):
     returncode, _, stderr = run_script("latent_dataset.py", "--FIRST_STAGE=vae", f"--CKPT_DIR={tmp_path}")
     assert_one_sentence(returncode, stderr, f"first-stage checkpoint {tmp_path}/vae_best.pt does not exist; "
