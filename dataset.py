@@ -70,6 +70,11 @@ def seg_folder(data_dir, split):
     return os.path.join(data_dir, f"keras_png_slices_seg_{split}")
 
 
+def nifti_folder(data_dir, split):
+    """Where write_volumes puts a split's brains as NIfTI volumes, next to their PNG slices."""
+    return os.path.join(data_dir, f"nifti_{split}")
+
+
 # ----------------------------------------------------------------------------- loader
 def present_splits(data_dir):
     """The splits whose image folder exists in `data_dir` (a NIfTI conversion may fill only one)."""
@@ -354,6 +359,36 @@ def align_to_template(volume, reference):
     return to_volume, (dice / ((target ** 2).sum() / target.sum())).item()
 
 
+def _slice_planes(low, high):
+    """Where render_brain cuts a brain whose box (world mm) runs from `low` to `high`: the box's
+    centre and extent, the pixel size (mm) at PNG_SIZE and the heights (mm) of the 32 slices."""
+    centre, extent = (low + high) / 2, high - low
+    pixel_mm = float(max(extent[0], extent[1])) / (0.78 * PNG_SIZE)  # margin for the warps
+    slice_z = low[2] + extent[2] * torch.linspace(0.25, 0.85, SLICES_PER_BRAIN)
+    return centre, extent, pixel_mm, slice_z
+
+
+def slice_frame(low, high):
+    """The slices render_brain cuts at a brain box's planes, as a NIfTI volume: {"size": PNG_SIZE,
+    "affine": voxel (column, row, slice) -> world mm (RAS), as nested lists}. Columns run left to
+    right, rows anterior to posterior, slices up the brain."""
+    centre, _, pixel_mm, slice_z = _slice_planes(low, high)
+    middle = (PNG_SIZE - 1) / 2
+    affine = np.diag([pixel_mm, -pixel_mm, float(slice_z[-1] - slice_z[0]) / (SLICES_PER_BRAIN - 1), 1.0])
+    affine[:3, 3] = [float(centre[0]) - middle * pixel_mm, float(centre[1]) + middle * pixel_mm, float(slice_z[0])]
+    return {"size": PNG_SIZE, "affine": affine.tolist()}
+
+
+def resized_frame(frame, img_size):
+    """A slice_frame's affine for its slices resized to img_size x img_size: pixel k of the new
+    size covers pixels size / img_size * (k .. k + 1) - 0.5 of the old, centred at
+    size / img_size * (k + 0.5) - 0.5."""
+    factor = frame["size"] / img_size
+    resize = np.diag([factor, factor, 1.0, 1.0])
+    resize[:2, 3] = (factor - 1) / 2
+    return np.asarray(frame["affine"]) @ resize
+
+
 def render_brain(volume, rng=None):
     """32 axial slices (uint8 (32, 256, 256)) spanning the brain, anterior up, black background,
     and tissue labels (0 background, 1 CSF, 2 grey matter, 3 white matter) when the volume has
@@ -368,11 +403,9 @@ def render_brain(volume, rng=None):
         low, high = world.min(0).values, world.max(0).values
     else:
         low, high = frame["bounds"]
-    centre, extent = (low + high) / 2, high - low
-    pixel_mm = float(max(extent[0], extent[1])) / (0.78 * PNG_SIZE)  # margin for the warps
+    centre, extent, pixel_mm, slice_z = _slice_planes(low, high)
     # output pixel positions in mm: columns run left->right, rows anterior->posterior
     offsets = (torch.arange(PNG_SIZE) - (PNG_SIZE - 1) / 2) * pixel_mm
-    slice_z = low[2] + extent[2] * torch.linspace(0.25, 0.85, SLICES_PER_BRAIN)
     zz, yy, xx = torch.meshgrid(slice_z, centre[1] - offsets, centre[0] + offsets, indexing="ij")
     points = torch.stack([xx, yy, zz], dim=-1)
 
@@ -417,11 +450,17 @@ def _rotation_matrix(angles):
     return rz @ ry @ rx
 
 
-def _write_brain(out_dir, split, brain_id, slices, labels):
+def _write_brain(out_dir, split, brain_id, slices, labels, affine=None):
     os.makedirs(image_folder(out_dir, split), exist_ok=True)
     for z, image in enumerate(slices):
         Image.fromarray(image).save(
             os.path.join(image_folder(out_dir, split), f"case_{brain_id}_slice_{z}.nii.png"))
+    if affine is not None:      # the same grey levels as one volume, indexed (column, row, slice)
+        import nibabel
+        image = nibabel.Nifti1Image(np.ascontiguousarray(slices.transpose(2, 1, 0)), affine)
+        image.header.set_xyzt_units("mm")
+        os.makedirs(nifti_folder(out_dir, split), exist_ok=True)
+        nibabel.save(image, os.path.join(nifti_folder(out_dir, split), f"case_{brain_id}.nii.gz"))
     if labels is not None:
         os.makedirs(seg_folder(out_dir, split), exist_ok=True)
         for z, label in enumerate(labels):
@@ -429,12 +468,13 @@ def _write_brain(out_dir, split, brain_id, slices, labels):
                 os.path.join(seg_folder(out_dir, split), f"seg_{brain_id}_slice_{z}.nii.png"))
 
 
-def _write_dataset(out_dir, brains, info, setting):
+def _write_dataset(out_dir, brains, info, setting, nifti_affine=None):
     """Write (split, brain_id, slices) brains, slices() giving (uint8 slices (32, S, S), tissue
     labels or None), into a temporary folder and rename it to `out_dir` at the end, so an
-    interrupted build never looks finished. An existing `out_dir` is replaced only when this
-    function wrote it (it holds dataset_info.json); else the error names `setting`, the constant
-    that chose the folder."""
+    interrupted build never looks finished. With `nifti_affine` (the slices' voxel -> mm), each
+    brain is also written as one NIfTI volume, nifti_<split>/case_<id>.nii.gz. An existing
+    `out_dir` is replaced only when this function wrote it (it holds dataset_info.json); else the
+    error names `setting`, the constant that chose the folder."""
     if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
         raise util.UserError(f"{out_dir} exists and was not written by dataset.py (no dataset_info.json); "
                              f"choose a new folder ({setting}) rather than overwrite it")
@@ -443,7 +483,7 @@ def _write_dataset(out_dir, brains, info, setting):
 
     def build(brain):
         split, brain_id, slices = brain
-        _write_brain(partial, split, brain_id, *slices())
+        _write_brain(partial, split, brain_id, *slices(), affine=nifti_affine)
 
     # brains are independent (each has its own generator) and SciPy / PIL release the GIL: one thread per core
     with ThreadPoolExecutor(max_workers=max(1, min(len(brains), os.cpu_count() or 1))) as pool:
@@ -469,7 +509,9 @@ def build_demo_brains(out_dir, brains_per_split, seed):
     brains = [(split, i + 1, functools.partial(render_brain, template, np.random.default_rng([seed, i])))
               for i, split in enumerate(splits)]
     info = {"kind": "template-derived demo brains (MNI152 2009a via nilearn), not OASIS",
-            "brains_per_split": list(brains_per_split), "seed": seed}
+            "brains_per_split": list(brains_per_split), "seed": seed,
+            # each brain is warped a little, so the template's frame is every brain's only on average
+            "slice_frame": slice_frame(*_brain_world(template).aminmax(dim=0))}
     return _write_dataset(out_dir, brains, info, "DEMO_DIR")
 
 
@@ -519,18 +561,39 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
             volume["frame"] = {"bounds": reference["bounds"], "to_volume": to_volume}
             sources[i + 1]["alignment_overlap"] = round(overlap, 3)
         brains.append((splits[i], i + 1, functools.partial(render_brain, volume)))
-    return _write_dataset(out_dir, brains, {"kind": "converted NIfTI volumes", "sources": sources}, "NIFTI_OUT_DIR")
+    info = {"kind": "converted NIfTI volumes", "sources": sources}
+    if align:       # every brain cut at the template's planes: one frame for all
+        info["slice_frame"] = slice_frame(*reference["bounds"])
+    return _write_dataset(out_dir, brains, info, "NIFTI_OUT_DIR")
 
 
-def write_volumes(out_dir, volumes, info, setting, split="test"):
+def write_volumes(out_dir, volumes, info, setting, split="test", frame=None):
     """Volumes (V, 32, 1, S, S) in [-1, 1], generated ones say, as brains 1..V of `split` in the
     OASIS layout, which OasisSlices(split, out_dir, S).volumes() reads back to a grey level.
     They are quantised by util.grey_levels, as pictures are, so a picture shows these values.
+    With `frame` (the slice_frame of the brains they were trained on, see data_frame), each is
+    also a NIfTI volume in that frame (nifti_<split>/case_<id>.nii.gz), for any viewer or tool.
     `setting`: the constant that named out_dir, for the error if it holds other files."""
     grey = util.grey_levels(volumes)
     brains = [(split, i + 1, functools.partial(lambda slices: (slices, None), volume[:, 0].numpy()))
               for i, volume in enumerate(grey)]
-    return _write_dataset(out_dir, brains, info, setting)
+    affine = None
+    if frame is not None:
+        affine = resized_frame(frame, volumes.shape[-1])
+        info = dict(info, slice_frame={"size": volumes.shape[-1], "affine": affine.tolist()})
+    return _write_dataset(out_dir, brains, info, setting, nifti_affine=affine)
+
+
+def data_frame(data_dir):
+    """The slice_frame of an OASIS-layout folder's brains, from its dataset_info.json: the demo
+    brains' and aligned NIfTI conversions' (every brain cut at the template's planes); None for
+    others (OASIS's own slices, brains each cut at its own box) and folders built before frames
+    were recorded."""
+    path = os.path.join(data_dir, "dataset_info.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("slice_frame")
 
 
 def resolve_data_dir(data_dir=None):

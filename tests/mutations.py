@@ -194,6 +194,11 @@ MUTATIONS = [
     ("grey_levels_truncated", "util.py", ".mul(255).add(0.5).to(torch.uint8)", ".mul(255).to(torch.uint8)",
      ["tests/test_dataset.py::test_written_volumes_read_back_to_a_grey_level_and_replace_no_other_folder",
       "tests/test_util.py::test_picture_grid_holds_torchvisions_grey_levels_in_one_channel"]),
+    # generated volumes' NIfTI frame: rows running posterior to anterior, and resized slices half a pixel off
+    ("slice_frame_rows_flipped", "dataset.py", "np.diag([pixel_mm, -pixel_mm,", "np.diag([pixel_mm, pixel_mm,",
+     ["tests/test_dataset.py::test_the_slice_frame_lays_the_slices_on_the_template_in_mm"]),
+    ("resized_frame_half_a_pixel_off", "dataset.py", "    resize[:2, 3] = (factor - 1) / 2\n", "",
+     ["tests/test_dataset.py::test_a_resized_frame_puts_each_voxel_at_the_centre_of_those_it_averages"]),
 ]
 
 

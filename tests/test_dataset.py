@@ -147,6 +147,41 @@ def test_demo_brains_are_deterministic_and_distinct(demo_dir, tmp_path):
     assert not os.path.exists(str(tmp_path / "again") + ".partial")
 
 
+def test_the_slice_frame_lays_the_slices_on_the_template_in_mm(demo_dir):
+    """The template cut by render_brain (no warp) is the template resampled by nilearn (scipy's
+    trilinear interpolation, not ours) onto the grid of the demo brains' recorded slice_frame;
+    the same grid half a pixel off, or with rows flipped, is not."""
+    import nilearn.image
+    template = dataset.load_volume(dataset.template_path("t1"))
+    slices, _ = dataset.render_brain(template)
+    frame = dataset.data_frame(demo_dir)
+    assert frame == dataset.slice_frame(*dataset._brain_world(template).aminmax(dim=0))
+    scaled = nibabel.Nifti1Image(template["data"][0].numpy(), template["affine"])    # as load_volume scaled it
+    ours = slices.transpose(2, 1, 0).astype(np.float64)                              # (column, row, slice)
+
+    def grey_level_error(affine):
+        resampled = nilearn.image.resample_img(scaled, target_affine=affine, target_shape=ours.shape,
+                                               interpolation="linear", force_resample=True, copy_header=True)
+        reference = np.asarray(resampled.dataobj)
+        reference = np.round(255 * np.clip(reference, 0, 1) * (reference > 0.02))
+        return np.abs(ours - reference)[ours > 0].mean()
+
+    affine = np.asarray(frame["affine"])
+    half_pixel_off, rows_flipped = affine.copy(), affine @ np.diag([1.0, -1, 1, 1])
+    half_pixel_off[:3, 3] += affine[:3, :3] @ [0.5, 0.5, 0]
+    rows_flipped[1, 3] = affine[1, 3] + affine[1, 1] * (ours.shape[1] - 1)
+    assert grey_level_error(affine) < 0.1            # 0.015 here
+    assert min(grey_level_error(half_pixel_off), grey_level_error(rows_flipped)) > 2     # 5.3 and 41 here
+
+
+def test_a_resized_frame_puts_each_voxel_at_the_centre_of_those_it_averages():
+    frame = {"size": 256, "affine": [[0.8, 0, 0, -90], [0, -0.8, 0, 120], [0, 0, 3, -40], [0, 0, 0, 1]]}
+    affine = dataset.resized_frame(frame, 64)
+    for column, row, z in ((0, 0, 0), (5, 40, 7), (63, 63, 31)):
+        covered = [np.asarray(frame["affine"]) @ [4 * column + i, 4 * row + j, z, 1] for i in range(4) for j in range(4)]
+        assert np.allclose(affine @ [column, row, z, 1], np.mean(covered, axis=0))
+
+
 def write_small_volume(path, data=None):
     """A NIfTI file at `path`: the MNI152 template at 2 mm (a real skull-stripped T1), or `data`
     on the same grid."""
@@ -165,6 +200,7 @@ def test_convert_nifti_volumes_to_oasis_layout(tmp_path):
         data = dataset.OasisSlices(split, out, 64)
         assert len(data) == 32 and data.segs is None
         assert data.images[:, 0].max() == 0 and data.images.max() > 200
+    assert dataset.data_frame(out) is None          # each brain cut at its own box: no frame they share
 
 
 def test_one_volume_into_the_named_split_from_the_command_line(tmp_path):
@@ -183,6 +219,8 @@ def test_one_volume_into_the_named_split_from_the_command_line(tmp_path):
     assert sorted(os.listdir(tmp_path / "my_scan")) == ["dataset_info.json", "keras_png_slices_test"]
     assert (tmp_path / "visualize" / "dataset_grid.png").exists()
     assert len(dataset.OasisSlices("test", str(tmp_path / "my_scan"), 64)) == 32
+    template_box = dataset._brain_world(dataset.load_volume(dataset.template_path("t1"))).aminmax(dim=0)
+    assert dataset.data_frame(str(tmp_path / "my_scan")) == dataset.slice_frame(*template_box)   # aligned: its planes
     # a split that is asked for and missing is still a clear error
     with pytest.raises(util.UserError, match="keras_png_slices_train does not exist; .*my_scan has only the test split"):
         dataset.OasisSlices("train", str(tmp_path / "my_scan"), 64)
@@ -313,9 +351,20 @@ def test_conversion_replaces_its_own_folder_but_no_other(tmp_path):
 def test_written_volumes_read_back_to_a_grey_level_and_replace_no_other_folder(tmp_path):
     volumes = torch.rand(2, 32, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1   # some out of range
     folder = dataset.write_volumes(str(tmp_path / "generated"), volumes, {"kind": "random volumes"}, "VOLUMES_DIR")
-    read = dataset.OasisSlices("test", folder, 16).volumes()
+    written = dataset.OasisSlices("test", folder, 16)
+    read = written.volumes()
     assert read.shape == volumes.shape
     assert (read - volumes.clamp(-1, 1)).abs().max() <= 1 / 255 + 1e-6     # rounded to the nearest of 256 grey levels
+    assert not os.path.exists(dataset.nifti_folder(folder, "test")) and dataset.data_frame(folder) is None
+    # in a frame, each is a NIfTI volume too: the same grey levels, (column, row, slice), in that frame's mm
+    frame = {"size": 64, "affine": [[2.0, 0, 0, -60], [0, -2.0, 0, 70], [0, 0, 3, -30], [0, 0, 0, 1]]}
+    folder = dataset.write_volumes(str(tmp_path / "generated"), volumes, {"kind": "random volumes"}, "VOLUMES_DIR",
+                                   frame=frame)
+    for brain in (1, 2):
+        volume = nibabel.load(os.path.join(dataset.nifti_folder(folder, "test"), f"case_{brain}.nii.gz"))
+        assert np.array_equal(np.asarray(volume.dataobj).transpose(2, 1, 0), written.images[32 * (brain - 1):][:32])
+        assert np.allclose(volume.affine, dataset.resized_frame(frame, 16)) and volume.header.get_xyzt_units()[0] == "mm"
+    assert dataset.data_frame(folder) == {"size": 16, "affine": dataset.resized_frame(frame, 16).tolist()}
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(util.UserError, match=r"precious exists and was not written by dataset.py.*\(VOLUMES_DIR\)"):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import imageio.v3 as iio
+import nibabel
 import numpy as np
 import pytest
 import torch
@@ -483,7 +484,7 @@ def test_missing_latents_name_the_file_and_the_fix(tmp_path):
         run_script("stable_diffusion.py", second_stage_args(tmp_path))
 
 
-def test_diffusion_training_improves_and_predict_pictures_everything(first_stage_dir):
+def test_diffusion_training_improves_and_predict_pictures_everything(first_stage_dir, demo_dir):
     run_script("stable_diffusion.py", second_stage_args(first_stage_dir, "--EPOCHS=6", *TINY_DIFFUSION))
     log = read_log(str(first_stage_dir / "log" / "vqvae_diffusion.log"))
     val = log["val_loss"][1]
@@ -524,6 +525,9 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
         written = dataset.OasisSlices("test", str(folder), size)
         assert written.volumes().shape == (2, 32, 1, size, size)
         assert np.array_equal(written.images[:32], pictured), name
+        nifti = nibabel.load(str(folder / "nifti_test" / "case_1.nii.gz"))   # the same, in the demo brains' frame
+        assert np.array_equal(np.asarray(nifti.dataobj).transpose(2, 1, 0), pictured), name
+        assert np.allclose(nifti.affine, dataset.resized_frame(dataset.data_frame(demo_dir), size)), name
     blurred = realism["sources"]["validate_blurred"]["figures"]
     assert blurred["sharpness"] < 1 < realism["sources"]["validate_noisy"]["figures"]["sharpness"]
     speckled, real = (realism["sources"][name]["figures"] for name in ("validate_speckled", "real_validate"))
