@@ -46,3 +46,20 @@ def test_pipeline_stops_at_the_failing_stage_and_names_it(tmp_path):
     assert result.returncode != 0
     assert "stage failed" in result.stderr and "raise SystemExit(3)" in result.stderr
     assert "fine" in result.stdout and "never reached" not in result.stdout
+
+
+def test_nifti_frame_scores_a_sampler_that_draws_the_real_brains_as_the_real_brains(demo_dir, tmp_path):
+    """A "sampler" whose volumes are the real test brains, written as predict.py writes its own:
+    its Dice with the template's brain mask is the real brains' own, and flipping their rows (a
+    wrong frame) lowers it."""
+    import dataset
+    real = dataset.OasisSlices("test", demo_dir, 32).volumes()
+    dataset.write_volumes(str(tmp_path / "generated" / "copies"), real, {"kind": "real test brains"}, "VOLUMES_DIR",
+                          frame=dataset.data_frame(demo_dir))
+    result = subprocess.run([sys.executable, "bench/nifti_frame.py", f"--VOLUMES_DIR={tmp_path / 'generated'}",
+                             f"--DATA_DIR={demo_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line[:32].strip(): line[32:].split() for line in result.stdout.splitlines()[-3:]}
+    assert list(rows) == ["real test", "copies", "real test, rows flipped"]
+    assert rows["copies"] == rows["real test"] and rows["copies"][0] == "1"
+    assert 0.8 < float(rows["copies"][1]) and float(rows["real test, rows flipped"][1]) < float(rows["copies"][1]) - 0.01
