@@ -46,21 +46,23 @@ if __name__ == "__main__":
     if not folders:
         raise util.UserError(f"{VOLUMES_DIR} holds no generated NIfTI volumes (<sampler>/nifti_test); run "
                              f"python predict.py --VOLUMES_DIR={VOLUMES_DIR} first")
-    frame = dataset.data_frame(folders[0])
+    size = dataset.data_frame(folders[0])["size"]
     data_dir = dataset.resolve_data_dir(DATA_DIR)
-    if dataset.data_frame(data_dir) is None:
+    data_frame = dataset.data_frame(data_dir)
+    if data_frame is None:
         raise util.UserError(f"{data_dir} records no slice frame (DATA_DIR: the brains the models trained on)")
-    real = dataset.OasisSlices("test", data_dir, frame["size"]).volumes()
-    real_folder = dataset.write_volumes(os.path.join(tempfile.mkdtemp(), "real_test"), real,
-                                        {"kind": "real test brains"}, "VOLUMES_DIR", frame=dataset.data_frame(data_dir))
     template = dataset.load_volume(dataset.template_path("t1"))
     template_mask = nibabel.Nifti1Image(dataset._brain_mask(template).numpy().astype(np.float32), template["affine"])
 
-    print(f"\nbrain Dice with the MNI152 template's brain mask ({frame['size']}x{frame['size']} volumes)")
+    print(f"\nbrain Dice with the MNI152 template's brain mask ({size}x{size} volumes)")
     print(f"{'source':32s} {'volumes':>7s} {'mean Dice':>9s}  range")
-    for name, folder, flip_rows in ([("real test", real_folder, False)]
-                                    + [(os.path.basename(folder), folder, False) for folder in folders]
-                                    + [("real test, rows flipped", real_folder, True)]):
-        dice = [brain_dice(nibabel.load(path), template_mask, flip_rows)
-                for path in sorted(glob.glob(os.path.join(dataset.nifti_folder(folder, "test"), "*.nii.gz")))]
-        print(f"{name:32s} {len(dice):7d} {np.mean(dice):9.3f}  {min(dice):.3f}-{max(dice):.3f}")
+    with tempfile.TemporaryDirectory() as scratch:
+        real_folder = dataset.write_volumes(os.path.join(scratch, "real_test"),
+                                            dataset.OasisSlices("test", data_dir, size).volumes(),
+                                            {"kind": "real test brains"}, "VOLUMES_DIR", frame=data_frame)
+        for name, folder, flip_rows in ([("real test", real_folder, False)]
+                                        + [(os.path.basename(folder), folder, False) for folder in folders]
+                                        + [("real test, rows flipped", real_folder, True)]):
+            dice = [brain_dice(nibabel.load(path), template_mask, flip_rows)
+                    for path in sorted(glob.glob(os.path.join(dataset.nifti_folder(folder, "test"), "*.nii.gz")))]
+            print(f"{name:32s} {len(dice):7d} {np.mean(dice):9.3f}  {min(dice):.3f}-{max(dice):.3f}")
