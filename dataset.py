@@ -293,6 +293,11 @@ def _brain_world(volume):
     return voxels @ affine[:3, :3].T + affine[:3, 3]
 
 
+def _brain_box(volume):
+    """The box (world mm, (low, high)) of a volume's brain voxels."""
+    return tuple(_brain_world(volume).aminmax(dim=0))
+
+
 def _sample_world(data, affine, points):
     """Channels (C, X, Y, Z) on the grid of `affine` (voxel -> mm), sampled trilinearly at world
     `points` (..., 3): (C, ...), 0 outside the volume."""
@@ -379,6 +384,18 @@ def slice_frame(low, high):
     return {"size": PNG_SIZE, "affine": affine.tolist()}
 
 
+def scan_frame(volume):
+    """The slice_frame of render_brain's cut of `volume` (no warp) in the volume's own world mm:
+    the affine that lays its slices over the scan they were cut from, in any viewer. Cut at its
+    own box, or (aligned) at the template's planes carried into it by the frame's to_volume."""
+    frame = volume.get("frame")
+    if frame is None:
+        return slice_frame(*_brain_box(volume))
+    template_frame = slice_frame(*frame["bounds"])
+    to_volume = frame["to_volume"].double().numpy()
+    return dict(template_frame, affine=(to_volume @ np.asarray(template_frame["affine"])).tolist())
+
+
 def resized_frame(frame, img_size):
     """A slice_frame's affine for its slices resized to img_size x img_size: pixel k of the new
     size covers pixels size / img_size * (k .. k + 1) - 0.5 of the old, centred at
@@ -398,12 +415,7 @@ def render_brain(volume, rng=None):
     affine}) is cut at the template's slice planes carried into it, not at its own box's."""
     data = volume["data"]
     frame = volume.get("frame")
-    if frame is None:
-        world = _brain_world(volume)
-        low, high = world.min(0).values, world.max(0).values
-    else:
-        low, high = frame["bounds"]
-    centre, extent, pixel_mm, slice_z = _slice_planes(low, high)
+    centre, extent, pixel_mm, slice_z = _slice_planes(*(_brain_box(volume) if frame is None else frame["bounds"]))
     # output pixel positions in mm: columns run left->right, rows anterior->posterior
     offsets = (torch.arange(PNG_SIZE) - (PNG_SIZE - 1) / 2) * pixel_mm
     zz, yy, xx = torch.meshgrid(slice_z, centre[1] - offsets, centre[0] + offsets, indexing="ij")
@@ -468,11 +480,11 @@ def _write_brain(out_dir, split, brain_id, slices, labels, affine=None):
                 os.path.join(seg_folder(out_dir, split), f"seg_{brain_id}_slice_{z}.nii.png"))
 
 
-def _write_dataset(out_dir, brains, info, setting, nifti_affine=None):
+def _write_dataset(out_dir, brains, info, setting, nifti_affines=None):
     """Write (split, brain_id, slices) brains, slices() giving (uint8 slices (32, S, S), tissue
     labels or None), into a temporary folder and rename it to `out_dir` at the end, so an
-    interrupted build never looks finished. With `nifti_affine` (the slices' voxel -> mm), each
-    brain is also written as one NIfTI volume, nifti_<split>/case_<id>.nii.gz. An existing
+    interrupted build never looks finished. Each brain in `nifti_affines` ({brain_id: its slices'
+    voxel -> mm}) is also written as one NIfTI volume, nifti_<split>/case_<id>.nii.gz. An existing
     `out_dir` is replaced only when this function wrote it (it holds dataset_info.json); else the
     error names `setting`, the constant that chose the folder."""
     if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
@@ -483,7 +495,7 @@ def _write_dataset(out_dir, brains, info, setting, nifti_affine=None):
 
     def build(brain):
         split, brain_id, slices = brain
-        _write_brain(partial, split, brain_id, *slices(), affine=nifti_affine)
+        _write_brain(partial, split, brain_id, *slices(), affine=(nifti_affines or {}).get(brain_id))
 
     # brains are independent (each has its own generator) and SciPy / PIL release the GIL: one thread per core
     with ThreadPoolExecutor(max_workers=max(1, min(len(brains), os.cpu_count() or 1))) as pool:
@@ -511,7 +523,7 @@ def build_demo_brains(out_dir, brains_per_split, seed):
     info = {"kind": "template-derived demo brains (MNI152 2009a via nilearn), not OASIS",
             "brains_per_split": list(brains_per_split), "seed": seed,
             # each brain is warped a little, so the template's frame is every brain's only on average
-            "slice_frame": slice_frame(*_brain_world(template).aminmax(dim=0))}
+            "slice_frame": slice_frame(*_brain_box(template))}
     return _write_dataset(out_dir, brains, info, "DEMO_DIR")
 
 
@@ -551,7 +563,7 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
     paths, masks = zip(*sorted(zip(paths, mask_paths or [None] * len(paths))))
     splits = nifti_splits(len(paths), split)
     reference = alignment_reference(load_volume(template_path("t1"))) if align else None
-    brains, sources = [], {}
+    brains, sources, frames = [], {}, {}
     for i, (path, mask) in enumerate(tqdm(list(zip(paths, masks)), desc="reading" + (" and aligning" if align else ""),
                                           unit="volume")):
         volume = load_volume(path, mask_path=mask)
@@ -560,28 +572,48 @@ def convert_nifti(paths, out_dir, split=NIFTI_SPLIT, mask_paths=(), align=NIFTI_
             to_volume, overlap = align_to_template(volume, reference)
             volume["frame"] = {"bounds": reference["bounds"], "to_volume": to_volume}
             sources[i + 1]["alignment_overlap"] = round(overlap, 3)
+        frames[i + 1] = scan_frame(volume)
         brains.append((splits[i], i + 1, functools.partial(render_brain, volume)))
-    info = {"kind": "converted NIfTI volumes", "sources": sources}
+    info = {"kind": "converted NIfTI volumes", "sources": sources, "brain_frames": frames}
     if align:       # every brain cut at the template's planes: one frame for all
         info["slice_frame"] = slice_frame(*reference["bounds"])
     return _write_dataset(out_dir, brains, info, "NIFTI_OUT_DIR")
 
 
-def write_volumes(out_dir, volumes, info, setting, split="test", frame=None):
-    """Volumes (V, 32, 1, S, S) in [-1, 1], generated ones say, as brains 1..V of `split` in the
-    OASIS layout, which OasisSlices(split, out_dir, S).volumes() reads back to a grey level.
-    They are quantised by util.grey_levels, as pictures are, so a picture shows these values.
-    With `frame` (the slice_frame of the brains they were trained on, see data_frame), each is
-    also a NIfTI volume in that frame (nifti_<split>/case_<id>.nii.gz), for any viewer or tool.
+def write_volumes(out_dir, volumes, info, setting, split="test", frame=None, brain_ids=None, brain_frames=None):
+    """Volumes (V, 32, 1, S, S) in [-1, 1], generated ones say, as brains `brain_ids` (1..V by
+    default) of `split` in the OASIS layout, which OasisSlices(split, out_dir, S).volumes() reads
+    back to a grey level. They are quantised by util.grey_levels, as pictures are, so a picture
+    shows these values. With `frame` (the slice_frame of the brains they were trained on, see
+    data_frame), each is also a NIfTI volume in that frame (nifti_<split>/case_<id>.nii.gz), for
+    any viewer or tool. A brain in `brain_frames` ({brain_id: that brain's own frame}, see
+    brain_frames: the scan a reconstruction was made from, say) is written in its own frame
+    instead. Both are recorded, resized to S, for data_frame and brain_frames to read back.
     `setting`: the constant that named out_dir, for the error if it holds other files."""
+    size = volumes.shape[-1]
+    brain_ids = [int(brain) for brain in (range(1, len(volumes) + 1) if brain_ids is None else brain_ids)]
     grey = util.grey_levels(volumes)
-    brains = [(split, i + 1, functools.partial(lambda slices: (slices, None), volume[:, 0].numpy()))
-              for i, volume in enumerate(grey)]
-    affine = None
+    brains = [(split, brain, functools.partial(lambda slices: (slices, None), volume[:, 0].numpy()))
+              for brain, volume in zip(brain_ids, grey)]
+    affines = {}
     if frame is not None:
-        affine = resized_frame(frame, volumes.shape[-1])
-        info = dict(info, slice_frame={"size": volumes.shape[-1], "affine": affine.tolist()})
-    return _write_dataset(out_dir, brains, info, setting, nifti_affine=affine)
+        affines = dict.fromkeys(brain_ids, resized_frame(frame, size))
+        info = dict(info, slice_frame={"size": size, "affine": affines[brain_ids[0]].tolist()})
+    own = {brain: resized_frame(brain_frames[brain], size) for brain in brain_ids if brain in (brain_frames or {})}
+    if own:
+        affines.update(own)
+        info = dict(info, brain_frames={brain: {"size": size, "affine": affine.tolist()}
+                                        for brain, affine in own.items()})
+    return _write_dataset(out_dir, brains, info, setting, nifti_affines=affines)
+
+
+def dataset_info(data_dir):
+    """What dataset.py recorded of an OASIS-layout folder (its dataset_info.json), or {}."""
+    path = os.path.join(data_dir, "dataset_info.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def data_frame(data_dir):
@@ -589,11 +621,14 @@ def data_frame(data_dir):
     brains' and aligned NIfTI conversions' (every brain cut at the template's planes); None for
     others (OASIS's own slices, brains each cut at its own box) and folders built before frames
     were recorded."""
-    path = os.path.join(data_dir, "dataset_info.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("slice_frame")
+    return dataset_info(data_dir).get("slice_frame")
+
+
+def brain_frames(data_dir):
+    """Each brain's own frame ({brain_id: frame}) from an OASIS-layout folder's dataset_info.json:
+    for NIfTI conversions, aligned or not, the scan_frame that lays the brain's slices over the
+    scan it was cut from; {} where none is recorded (demo brains, OASIS's own slices)."""
+    return {int(brain): frame for brain, frame in dataset_info(data_dir).get("brain_frames", {}).items()}
 
 
 def resolve_data_dir(data_dir=None):
@@ -615,11 +650,7 @@ def summarise(data_dir, img_size, grid_path):
     present = present_splits(data_dir)
     if not present:
         raise util.UserError(f"{data_dir} holds none of the split folders;\n{EXPECTED_LAYOUT}")
-    info_path = os.path.join(data_dir, "dataset_info.json")
-    info = {}
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
+    info = dataset_info(data_dir)
     print(f"data: {os.path.abspath(data_dir)}" + (f" ({info['kind']})" if "kind" in info else ""))
     loaded = {}
     for split in SPLITS:

@@ -147,31 +147,38 @@ def test_demo_brains_are_deterministic_and_distinct(demo_dir, tmp_path):
     assert not os.path.exists(str(tmp_path / "again") + ".partial")
 
 
-def test_the_slice_frame_lays_the_slices_on_the_template_in_mm(demo_dir):
-    """The template cut by render_brain (no warp) is the template resampled by nilearn (scipy's
-    trilinear interpolation, not ours) onto the grid of the demo brains' recorded slice_frame;
-    the same grid half a pixel off, or with rows flipped, is not."""
+def grey_level_errors(volume, slices, frame):
+    """How far `slices` (uint8 (32, S, S)) are from the loaded `volume` (load_volume) resampled by
+    nilearn (scipy's trilinear interpolation, not ours) onto the grid of `frame` (a slice_frame):
+    the mean grey-level difference inside the brain on that grid, on the grid half a pixel off
+    and on the grid with its rows flipped."""
     import nilearn.image
-    template = dataset.load_volume(dataset.template_path("t1"))
-    slices, _ = dataset.render_brain(template)
-    frame = dataset.data_frame(demo_dir)
-    assert frame == dataset.slice_frame(*dataset._brain_world(template).aminmax(dim=0))
-    scaled = nibabel.Nifti1Image(template["data"][0].numpy(), template["affine"])    # as load_volume scaled it
-    ours = slices.transpose(2, 1, 0).astype(np.float64)                              # (column, row, slice)
-
-    def grey_level_error(affine):
-        resampled = nilearn.image.resample_img(scaled, target_affine=affine, target_shape=ours.shape,
-                                               interpolation="linear", force_resample=True, copy_header=True)
-        reference = np.asarray(resampled.dataobj)
-        reference = np.round(255 * np.clip(reference, 0, 1) * (reference > 0.02))
-        return np.abs(ours - reference)[ours > 0].mean()
-
+    scaled = nibabel.Nifti1Image(volume["data"][0].numpy(), volume["affine"])    # as load_volume scaled it
+    ours = slices.transpose(2, 1, 0).astype(np.float64)                          # (column, row, slice)
     affine = np.asarray(frame["affine"])
     half_pixel_off, rows_flipped = affine.copy(), affine @ np.diag([1.0, -1, 1, 1])
     half_pixel_off[:3, 3] += affine[:3, :3] @ [0.5, 0.5, 0]
-    rows_flipped[1, 3] = affine[1, 3] + affine[1, 1] * (ours.shape[1] - 1)
-    assert grey_level_error(affine) < 0.1            # 0.015 here
-    assert min(grey_level_error(half_pixel_off), grey_level_error(rows_flipped)) > 2     # 5.3 and 41 here
+    rows_flipped[:3, 3] = affine[:3, 3] + affine[:3, 1] * (ours.shape[1] - 1)
+    errors = []
+    for grid in (affine, half_pixel_off, rows_flipped):
+        resampled = nilearn.image.resample_img(scaled, target_affine=grid, target_shape=ours.shape,
+                                               interpolation="linear", force_resample=True, copy_header=True)
+        reference = np.asarray(resampled.dataobj)
+        reference = np.round(255 * np.clip(reference, 0, 1) * (reference > 0.02))
+        errors.append(np.abs(ours - reference)[ours > 0].mean())
+    return errors
+
+
+def test_the_slice_frame_lays_the_slices_on_the_template_in_mm(demo_dir):
+    """The template cut by render_brain (no warp) is the template resampled onto the grid of the
+    demo brains' recorded slice_frame; the same grid half a pixel off, or with rows flipped, is not."""
+    template = dataset.load_volume(dataset.template_path("t1"))
+    slices, _ = dataset.render_brain(template)
+    frame = dataset.data_frame(demo_dir)
+    assert frame == dataset.slice_frame(*dataset._brain_box(template))
+    on_grid, half_pixel_off, rows_flipped = grey_level_errors(template, slices, frame)
+    assert on_grid < 0.1                                    # 0.015 here
+    assert min(half_pixel_off, rows_flipped) > 2            # 5.3 and 41 here
 
 
 def test_a_resized_frame_puts_each_voxel_at_the_centre_of_those_it_averages():
@@ -219,7 +226,7 @@ def test_one_volume_into_the_named_split_from_the_command_line(tmp_path):
     assert sorted(os.listdir(tmp_path / "my_scan")) == ["dataset_info.json", "keras_png_slices_test"]
     assert (tmp_path / "visualize" / "dataset_grid.png").exists()
     assert len(dataset.OasisSlices("test", str(tmp_path / "my_scan"), 64)) == 32
-    template_box = dataset._brain_world(dataset.load_volume(dataset.template_path("t1"))).aminmax(dim=0)
+    template_box = dataset._brain_box(dataset.load_volume(dataset.template_path("t1")))
     assert dataset.data_frame(str(tmp_path / "my_scan")) == dataset.slice_frame(*template_box)   # aligned: its planes
     # a split that is asked for and missing is still a clear error
     with pytest.raises(util.UserError, match="keras_png_slices_train does not exist; .*my_scan has only the test split"):
@@ -267,6 +274,13 @@ def test_alignment_recovers_a_known_affine_and_cuts_the_template_planes(tmp_path
     images = {name: torch.from_numpy(data.images).float()[:, None] / 255 for name, data in slices.items()}
     aligned, own_box = (util.ssim(images["template"], images[name]).item() for name in ("moved", "moved_own_box"))
     assert aligned > 0.9 and aligned > own_box + 0.1
+    # either way each brain's recorded frame lays its slices over the moved scan, in the scan's own mm
+    moved_volume = dataset.load_volume(str(moved_path))
+    for name in ("moved", "moved_own_box"):
+        slices = dataset.OasisSlices("test", str(tmp_path / name), dataset.PNG_SIZE).images
+        on_grid, half_pixel_off, rows_flipped = grey_level_errors(moved_volume, slices,
+                                                                  dataset.brain_frames(str(tmp_path / name))[1])
+        assert on_grid < 0.3 and min(half_pixel_off, rows_flipped) > 2, name     # 0.05, and 4.4 and 40 here
 
 
 def test_a_brain_mask_strips_the_skull_of_a_scan(tmp_path, capsys):
