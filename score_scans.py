@@ -14,7 +14,9 @@ Writes log/<FIRST_STAGE>_scans_<folder>.json and prints:
   scans are from what the models learned), and the reconstructions against your brains (what
   the first stage loses on them: sharpness, tissue, ...);
 - visualize/<FIRST_STAGE>_scans_<folder>_brain<id>.png: each brain's 32 slices above their
-  reconstructions.
+  reconstructions;
+- with VOLUMES_DIR, your brains as scored and their reconstructions as data, and as NIfTI volumes
+  that lie over your scans in any viewer.
 Slices are resized to the first stage's IMG_SIZE; every brain needs its 32 slices. Each brain's
 intensities are first mapped onto those of the first stage's training brains (MATCH_INTENSITY),
 and everything above is measured on the matched slices.
@@ -39,6 +41,12 @@ FIRST_STAGE = "vqvae"        # the first-stage run: model_ckpt/<FIRST_STAGE>_bes
 MATCH_INTENSITY = True       # map each of your brains' intensities onto those of the first stage's training brains
                              # (quantile matching inside the brain, per volume) before anything is scored: the models
                              # learned one intensity scale and scanners differ; False: your slices as they are
+VOLUMES_DIR = None           # a folder: your brains as scored (at IMG_SIZE, intensities matched) and their
+                             # reconstructions also written there as data, in <VOLUMES_DIR>/<FIRST_STAGE>_scans_
+                             # <folder>_scored and ..._reconstructed (the OASIS layout, split SPLIT, your brain ids);
+                             # each brain also as a NIfTI volume (nifti_<SPLIT>/case_<id>.nii.gz) in its scan's own
+                             # mm where DATA_DIR is a NIfTI conversion (lay it over your scan in any viewer), else in
+                             # the frame its brains share (the demo brains': MNI152 mm), else none
 CKPT_DIR = "model_ckpt"
 LOG_DIR = "log"
 VISUALIZE_DIR = "visualize"
@@ -106,6 +114,19 @@ if __name__ == "__main__":
         util.save_image_grid(torch.cat([volume, reconstruction]),
                              os.path.join(VISUALIZE_DIR, f"{name}_brain{brain}.png"))
     plot_ssim_per_z(ssim, brains, home_ssim, os.path.join(VISUALIZE_DIR, f"{name}_ssim.png"))
+    if VOLUMES_DIR is not None:
+        frame, own_frames = dataset.data_frame(DATA_DIR), dataset.brain_frames(DATA_DIR)
+        for kind, written in (("scored", volumes), ("reconstructed", reconstructions)):
+            folder = dataset.write_volumes(os.path.join(VOLUMES_DIR, f"{name}_{kind}"), written,
+                                           {"kind": f"your brains {kind} by {FIRST_STAGE}",
+                                            "data_dir": os.path.abspath(DATA_DIR), "first_stage": FIRST_STAGE,
+                                            "intensity_matched": MATCH_INTENSITY},
+                                           "VOLUMES_DIR", split=SPLIT, frame=frame, brain_ids=brains,
+                                           brain_frames=own_frames)
+            nifti = ("and as NIfTI over their scans" if own_frames else "and as NIfTI in the frame they share"
+                     if frame else "as PNG slices only: DATA_DIR records no frame (OASIS's own slices, or NIfTI "
+                     "converted before frames were recorded: convert them again)")
+            print(f"{len(brains)} {kind} brains written to {folder}, {nifti}")
 
     against_home = realism.evaluate_sources({"your_scans": volumes, "reconstructions": reconstructions}, critic,
                                             train, test)

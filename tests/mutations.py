@@ -164,6 +164,15 @@ MUTATIONS = [
     ("alignment_not_carried_into_the_slices", "dataset.py",
      "        points = points @ to_volume[:3, :3].T + to_volume[:3, 3]\n", "",
      ["tests/test_dataset.py::test_alignment_recovers_a_known_affine_and_cuts_the_template_planes"]),
+    # an aligned brain's own frame left in template mm: its slices not laid over its scan
+    ("scan_frame_left_in_template_mm", "dataset.py",
+     'affine=(to_volume @ np.asarray(template_frame["affine"])).tolist()', 'affine=template_frame["affine"]',
+     ["tests/test_dataset.py::test_alignment_recovers_a_known_affine_and_cuts_the_template_planes"]),
+    # your brains written as scored and reconstructed under ids 1..V, and in the template's mm, not their scans'
+    ("scored_brains_renumbered_from_one", "score_scans.py", " brain_ids=brains,", "",
+     [SECOND_STAGE + "test_score_scans_on_a_converted_nifti_volume"]),
+    ("reconstructions_in_the_shared_frame", "dataset.py", "        affines.update(own)\n", "",
+     [SECOND_STAGE + "test_score_scans_on_a_converted_nifti_volume"]),
     # your brains scored at their own intensity scale, whatever MATCH_INTENSITY says
     ("intensities_left_unmatched", "score_scans.py",
      "volume[brain] = torch.from_numpy(np.interp(values, np.quantile(values, levels), target)).to(volume.dtype)",

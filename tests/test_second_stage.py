@@ -665,11 +665,20 @@ def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
 
 
 def test_score_scans_on_a_converted_nifti_volume(first_stage_dir, tmp_path, capsys):
-    scans = dataset.convert_nifti([write_small_volume(tmp_path / "scan.nii.gz")], str(tmp_path / "my_scans"), "test")
+    """A scan 12 mm right of the template's place, converted as test brain 2 (brain 1, the scan in
+    place, goes to train), is scored, and written as scored and reconstructed under its own id and
+    in its own scan's mm, not the template's."""
+    scan = nibabel.load(write_small_volume(tmp_path / "a_in_place.nii.gz"))
+    moved = scan.affine.copy()
+    moved[0, 3] += 12
+    nibabel.save(nibabel.Nifti1Image(np.asarray(scan.dataobj), moved), str(tmp_path / "b_moved.nii.gz"))
+    scans = dataset.convert_nifti([str(tmp_path / "a_in_place.nii.gz"), str(tmp_path / "b_moved.nii.gz")],
+                                  str(tmp_path / "my_scans"), (1, 0, 1))
     arguments = [f"--CKPT_DIR={first_stage_dir}/ckpt", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"]
     with pytest.raises(util.UserError, match="give the folder to score: python score_scans.py --DATA_DIR="):
         run_script("score_scans.py", arguments)
-    run_script("score_scans.py", arguments + [f"--DATA_DIR={scans}", "--MATCH_INTENSITY=False"])
+    run_script("score_scans.py", arguments + [f"--DATA_DIR={scans}", "--MATCH_INTENSITY=False",
+                                              f"--VOLUMES_DIR={tmp_path / 'volumes'}"])
     results = json.loads((tmp_path / "vqvae_scans_my_scans.json").read_text())
     # the per-z figures are those of the first stage's own reconstruction of the converted slices,
     # on the script's device (a GPU's TF32 convolutions differ from the CPU's by ~1e-3 SSIM)
@@ -677,14 +686,29 @@ def test_score_scans_on_a_converted_nifti_volume(first_stage_dir, tmp_path, caps
     model, config = load_first_stage(str(first_stage_dir / "ckpt" / "vqvae_best.pt"), device)
     volume = dataset.OasisSlices("test", scans, config["IMG_SIZE"]).volumes()[0].to(device)
     with torch.no_grad():
-        expected = util.reconstruction_ssim(volume, model.reconstruct(volume, torch.arange(32, device=device))[0])
+        reconstruction = model.reconstruct(volume, torch.arange(32, device=device))[0]
+    expected = util.reconstruction_ssim(volume, reconstruction)
     assert results["ssim_per_z"] == pytest.approx(expected.tolist(), abs=1e-5)
-    assert list(results["ssim_per_brain"]) == ["1"] and results["ssim"] == pytest.approx(expected.mean().item())
-    assert f"brain 1: {results['ssim']:.4f}" in capsys.readouterr().out
+    assert list(results["ssim_per_brain"]) == ["2"] and results["ssim"] == pytest.approx(expected.mean().item())
+    assert f"brain 2: {results['ssim']:.4f}" in capsys.readouterr().out
     home = results["realism_against_first_stage_test"]["sources"]
     assert set(home) == {"your_scans", "reconstructions"}
     assert {"frechet_distance", "tissue_wasserstein", "sharpness", "z_faithfulness"} <= set(home["your_scans"]["figures"])
     # what the tiny first stage loses on these scans: their fine texture
     assert results["realism_against_your_scans"]["sources"]["reconstructions"]["figures"]["sharpness"] < 0.8
-    for picture in ("vqvae_scans_my_scans_brain1.png", "vqvae_scans_my_scans_ssim.png"):
+    for picture in ("vqvae_scans_my_scans_brain2.png", "vqvae_scans_my_scans_ssim.png"):
         assert (tmp_path / picture).exists()
+    # the brain as scored and its reconstruction, as data and as NIfTI volumes in the scan's own mm
+    frames = dataset.brain_frames(scans)
+    centres = [np.asarray(frames[brain]["affine"]) @ [127.5, 127.5, 15.5, 1] for brain in (1, 2)]
+    assert np.allclose(centres[1][:3], centres[0][:3] + [12, 0, 0], atol=1)         # mm
+    size = config["IMG_SIZE"]
+    for kind, scored in (("scored", volume), ("reconstructed", reconstruction)):
+        folder = str(tmp_path / "volumes" / f"vqvae_scans_my_scans_{kind}")
+        written = dataset.OasisSlices("test", folder, size)
+        assert (written.volumes()[0] - scored.float().cpu().clamp(-1, 1)).abs().max() < 1 / 255 + 1e-3, kind
+        nifti = nibabel.load(os.path.join(dataset.nifti_folder(folder, "test"), "case_2.nii.gz"))
+        assert np.array_equal(np.asarray(nifti.dataobj).transpose(2, 1, 0), written.images), kind
+        affine = dataset.resized_frame(frames[2], size)
+        assert np.allclose(nifti.affine, affine) and dataset.brain_frames(folder) == {2: {"size": size,
+                                                                                         "affine": affine.tolist()}}
