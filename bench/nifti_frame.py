@@ -28,13 +28,14 @@ VOLUMES_DIR = "generated"    # predict.py's VOLUMES_DIR: one folder per sampler
 DATA_DIR = None              # the brains the models trained on (None: the demo brains), for the real test brains
 
 
-def brain_dice(image, template_mask, flip_rows=False):
-    """Dice of a NIfTI volume's brain with the template's brain mask resampled onto its grid."""
+def brain_dice(image, mask, flip_rows=False):
+    """Dice of a NIfTI volume's brain with a brain mask (a NIfTI image on any grid, the template's
+    say) resampled onto its grid."""
     import nilearn.image
     brain = np.asarray(image.dataobj) > realism.BRAIN_THRESHOLD * 255
     if flip_rows:
         brain = brain[:, ::-1]
-    mask = np.asarray(nilearn.image.resample_to_img(template_mask, image, interpolation="nearest",
+    mask = np.asarray(nilearn.image.resample_to_img(mask, image, interpolation="nearest",
                                                     force_resample=True, copy_header=True).dataobj) > 0
     return 2 * (brain & mask).sum() / (brain.sum() + mask.sum())
 

@@ -63,3 +63,29 @@ def test_nifti_frame_scores_a_sampler_that_draws_the_real_brains_as_the_real_bra
     assert list(rows) == ["real test", "copies", "real test, rows flipped"]
     assert rows["copies"] == rows["real test"] and rows["copies"][0] == "1"
     assert 0.8 < float(rows["copies"][1]) and float(rows["real test, rows flipped"][1]) < float(rows["copies"][1]) - 0.01
+
+
+def test_scan_frame_lays_a_scored_brain_over_its_own_scan_not_the_template(tmp_path):
+    """A scan 12 mm right of the template's place, converted with alignment and written as
+    score_scans.py --VOLUMES_DIR writes it: its brain lies over the scan's brain in its own frame,
+    worse in the template's frame, and worse again with its rows flipped."""
+    import nibabel
+    import numpy as np
+
+    import dataset
+    from test_dataset import write_small_volume
+    scan = nibabel.load(write_small_volume(tmp_path / "in_place.nii.gz"))
+    moved = scan.affine.copy()
+    moved[0, 3] += 12
+    nibabel.save(nibabel.Nifti1Image(np.asarray(scan.dataobj), moved), str(tmp_path / "moved.nii.gz"))
+    scans = dataset.convert_nifti([str(tmp_path / "moved.nii.gz")], str(tmp_path / "my_scans"), "test")
+    folder = dataset.write_volumes(str(tmp_path / "scored" / "vqvae_scans_my_scans_scored"),
+                                   dataset.OasisSlices("test", scans, 32).volumes(),
+                                   {"kind": "your brains scored", "data_dir": scans}, "VOLUMES_DIR",
+                                   frame=dataset.data_frame(scans), brain_frames=dataset.brain_frames(scans))
+    result = subprocess.run([sys.executable, "bench/scan_frame.py", f"--FOLDER={folder}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    brain, name, own, template, flipped = result.stdout.splitlines()[-1].split()
+    assert (brain, name) == ("1", "moved.nii.gz")
+    assert float(own) > 0.9 and float(template) < float(own) - 0.03 and float(flipped) < float(own) - 0.03
