@@ -597,8 +597,9 @@ def write_volumes(out_dir, volumes, info, setting, split="test", frame=None, bra
               for brain, volume in zip(brain_ids, grey)]
     affines = {}
     if frame is not None:
-        affines = dict.fromkeys(brain_ids, resized_frame(frame, size))
-        info = dict(info, slice_frame={"size": size, "affine": affines[brain_ids[0]].tolist()})
+        shared = resized_frame(frame, size)
+        affines = dict.fromkeys(brain_ids, shared)
+        info = dict(info, slice_frame={"size": size, "affine": shared.tolist()})
     own = {brain: resized_frame(brain_frames[brain], size) for brain in brain_ids if brain in (brain_frames or {})}
     if own:
         affines.update(own)

@@ -116,6 +116,9 @@ if __name__ == "__main__":
     plot_ssim_per_z(ssim, brains, home_ssim, os.path.join(VISUALIZE_DIR, f"{name}_ssim.png"))
     if VOLUMES_DIR is not None:
         frame, own_frames = dataset.data_frame(DATA_DIR), dataset.brain_frames(DATA_DIR)
+        nifti = ("and as NIfTI over their scans" if own_frames else "and as NIfTI in the frame they share"
+                 if frame else "as PNG slices only: DATA_DIR records no frame (OASIS's own slices, or NIfTI "
+                 "converted before frames were recorded: convert them again)")
         for kind, written in (("scored", volumes), ("reconstructed", reconstructions)):
             folder = dataset.write_volumes(os.path.join(VOLUMES_DIR, f"{name}_{kind}"), written,
                                            {"kind": f"your brains {kind} by {FIRST_STAGE}",
@@ -123,9 +126,6 @@ if __name__ == "__main__":
                                             "intensity_matched": MATCH_INTENSITY},
                                            "VOLUMES_DIR", split=SPLIT, frame=frame, brain_ids=brains,
                                            brain_frames=own_frames)
-            nifti = ("and as NIfTI over their scans" if own_frames else "and as NIfTI in the frame they share"
-                     if frame else "as PNG slices only: DATA_DIR records no frame (OASIS's own slices, or NIfTI "
-                     "converted before frames were recorded: convert them again)")
             print(f"{len(brains)} {kind} brains written to {folder}, {nifti}")
 
     against_home = realism.evaluate_sources({"your_scans": volumes, "reconstructions": reconstructions}, critic,

@@ -28,6 +28,12 @@ VOLUMES_DIR = "generated"    # predict.py's VOLUMES_DIR: one folder per sampler
 DATA_DIR = None              # the brains the models trained on (None: the demo brains), for the real test brains
 
 
+def brain_mask_image(volume):
+    """A loaded volume's brain (dataset._brain_mask) as a NIfTI image on its grid."""
+    import nibabel
+    return nibabel.Nifti1Image(dataset._brain_mask(volume).numpy().astype(np.float32), volume["affine"])
+
+
 def brain_dice(image, mask, flip_rows=False):
     """Dice of a NIfTI volume's brain with a brain mask (a NIfTI image on any grid, the template's
     say) resampled onto its grid."""
@@ -52,8 +58,7 @@ if __name__ == "__main__":
     data_frame = dataset.data_frame(data_dir)
     if data_frame is None:
         raise util.UserError(f"{data_dir} records no slice frame (DATA_DIR: the brains the models trained on)")
-    template = dataset.load_volume(dataset.template_path("t1"))
-    template_mask = nibabel.Nifti1Image(dataset._brain_mask(template).numpy().astype(np.float32), template["affine"])
+    template_mask = brain_mask_image(dataset.load_volume(dataset.template_path("t1")))
 
     print(f"\nbrain Dice with the MNI152 template's brain mask ({size}x{size} volumes)")
     print(f"{'source':32s} {'volumes':>7s} {'mean Dice':>9s}  range")

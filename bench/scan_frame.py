@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 import dataset  # noqa: E402
 import util  # noqa: E402
-from nifti_frame import brain_dice  # noqa: E402
+from nifti_frame import brain_dice, brain_mask_image  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 FOLDER = ""                  # a folder score_scans.py --VOLUMES_DIR wrote (<VOLUMES_DIR>/<run>_scans_<folder>_<kind>)
@@ -41,8 +41,7 @@ if __name__ == "__main__":
     for path in sorted(glob.glob(os.path.join(dataset.nifti_folder(FOLDER, "*"), "case_*.nii.gz"))):
         brain = int(os.path.basename(path)[len("case_"):-len(".nii.gz")])
         source = sources[str(brain)]
-        scan = dataset.load_volume(source["path"], mask_path=source.get("mask"))
-        scan_brain = nibabel.Nifti1Image(dataset._brain_mask(scan).numpy().astype(np.float32), scan["affine"])
+        scan_brain = brain_mask_image(dataset.load_volume(source["path"], mask_path=source.get("mask")))
         image = nibabel.load(path)
         in_template = "-"
         if template_frame is not None:

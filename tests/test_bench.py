@@ -69,16 +69,10 @@ def test_scan_frame_lays_a_scored_brain_over_its_own_scan_not_the_template(tmp_p
     """A scan 12 mm right of the template's place, converted with alignment and written as
     score_scans.py --VOLUMES_DIR writes it: its brain lies over the scan's brain in its own frame,
     worse in the template's frame, and worse again with its rows flipped."""
-    import nibabel
-    import numpy as np
-
     import dataset
     from test_dataset import write_small_volume
-    scan = nibabel.load(write_small_volume(tmp_path / "in_place.nii.gz"))
-    moved = scan.affine.copy()
-    moved[0, 3] += 12
-    nibabel.save(nibabel.Nifti1Image(np.asarray(scan.dataobj), moved), str(tmp_path / "moved.nii.gz"))
-    scans = dataset.convert_nifti([str(tmp_path / "moved.nii.gz")], str(tmp_path / "my_scans"), "test")
+    scans = dataset.convert_nifti([write_small_volume(tmp_path / "moved.nii.gz", right_mm=12)],
+                                  str(tmp_path / "my_scans"), "test")
     folder = dataset.write_volumes(str(tmp_path / "scored" / "vqvae_scans_my_scans_scored"),
                                    dataset.OasisSlices("test", scans, 32).volumes(),
                                    {"kind": "your brains scored", "data_dir": scans}, "VOLUMES_DIR",

@@ -189,14 +189,15 @@ def test_a_resized_frame_puts_each_voxel_at_the_centre_of_those_it_averages():
         assert np.allclose(affine @ [column, row, z, 1], np.mean(covered, axis=0))
 
 
-def write_small_volume(path, data=None):
+def write_small_volume(path, data=None, right_mm=0):
     """A NIfTI file at `path`: the MNI152 template at 2 mm (a real skull-stripped T1), or `data`
-    on the same grid."""
+    on the same grid; with `right_mm`, the grid lies that far to the right of the template's place."""
     import nibabel
     template = nibabel.load(dataset.template_path("t1"))
     small = np.asarray(template.dataobj)[::2, ::2, ::2].astype(np.float32)
-    nibabel.save(nibabel.Nifti1Image(small if data is None else data(small), template.affine @ np.diag([2, 2, 2, 1])),
-                 str(path))
+    affine = template.affine @ np.diag([2, 2, 2, 1])
+    affine[0, 3] += right_mm
+    nibabel.save(nibabel.Nifti1Image(small if data is None else data(small), affine), str(path))
     return str(path)
 
 

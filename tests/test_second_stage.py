@@ -668,11 +668,8 @@ def test_score_scans_on_a_converted_nifti_volume(first_stage_dir, tmp_path, caps
     """A scan 12 mm right of the template's place, converted as test brain 2 (brain 1, the scan in
     place, goes to train), is scored, and written as scored and reconstructed under its own id and
     in its own scan's mm, not the template's."""
-    scan = nibabel.load(write_small_volume(tmp_path / "a_in_place.nii.gz"))
-    moved = scan.affine.copy()
-    moved[0, 3] += 12
-    nibabel.save(nibabel.Nifti1Image(np.asarray(scan.dataobj), moved), str(tmp_path / "b_moved.nii.gz"))
-    scans = dataset.convert_nifti([str(tmp_path / "a_in_place.nii.gz"), str(tmp_path / "b_moved.nii.gz")],
+    scans = dataset.convert_nifti([write_small_volume(tmp_path / "a_in_place.nii.gz"),
+                                   write_small_volume(tmp_path / "b_moved.nii.gz", right_mm=12)],
                                   str(tmp_path / "my_scans"), (1, 0, 1))
     arguments = [f"--CKPT_DIR={first_stage_dir}/ckpt", f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}"]
     with pytest.raises(util.UserError, match="give the folder to score: python score_scans.py --DATA_DIR="):
