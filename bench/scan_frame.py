@@ -31,7 +31,7 @@ if __name__ == "__main__":
     util.apply_overrides(globals())
     import nibabel
     info = dataset.dataset_info(FOLDER)
-    if "data_dir" not in info or not dataset.brain_frames(FOLDER):
+    if "data_dir" not in info or not info.get("brain_frames"):
         raise util.UserError(f"FOLDER {FOLDER!r} is not a folder of brains that score_scans.py --VOLUMES_DIR wrote "
                              f"in their scans' frames (its dataset_info.json names no data_dir or brain_frames)")
     sources = dataset.dataset_info(info["data_dir"])["sources"]
