@@ -110,6 +110,9 @@ def _list_slices(folder, pattern):
         if match is None:
             raise util.UserError(f"cannot parse brain id and z-index from {os.path.join(folder, name)}:"
                                  f" expected a name like {pattern.pattern}")
+        if int(match[2]) >= SLICES_PER_BRAIN:
+            raise util.UserError(f"{os.path.join(folder, name)} is slice {int(match[2])}; a brain has slices "
+                                 f"0..{SLICES_PER_BRAIN - 1}")
         slices[int(match[1]), int(match[2])] = os.path.join(folder, name)
     if not slices:
         raise util.UserError(f"no slice PNGs in {folder} (names like {pattern.pattern});\n"
@@ -117,11 +120,27 @@ def _list_slices(folder, pattern):
     return slices
 
 
+def check_splits_hold_different_brains(data_dir):
+    """Refuse a brain found in two split folders, whichever split is loaded: a test brain seen in
+    training would flatter every test figure."""
+    brains = {split: {brain for brain, _ in _list_slices(image_folder(data_dir, split), IMAGE_NAME)}
+              for split in present_splits(data_dir)}
+    for i, split in enumerate(brains):
+        for other in list(brains)[i + 1:]:
+            shared = brains[split] & brains[other]
+            if shared:
+                raise util.UserError(f"brain {min(shared)} appears in more than one split folder of {data_dir} "
+                                     f"({split} and {other}); splits must hold different brains")
+
+
 def _read_png(path, img_size, resample):
     """Decode one grey PNG and resize it: (uint8 (img_size, img_size), size in the file)."""
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode.startswith("I"):     # a 16-bit PNG: convert("L") would clip it at 255, not scale it
+                image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255)
+                                        .astype(np.uint8))
             image = image.convert("L")
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise util.UserError(f"cannot read image {path}: {error} (corrupt or not a PNG)") from error
@@ -144,14 +163,11 @@ class OasisSlices(Dataset):
             raise util.UserError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.data_dir = resolve_data_dir(data_dir)
         self.img_size = img_size
+        check_splits_hold_different_brains(self.data_dir)
         image_paths, seg_paths = {}, {}
         has_seg = all(os.path.isdir(seg_folder(self.data_dir, s)) for s in MODES[mode])
         for split in MODES[mode]:
             images = _list_slices(image_folder(self.data_dir, split), IMAGE_NAME)
-            clash = images.keys() & image_paths.keys()
-            if clash:
-                raise util.UserError(f"brain {min(clash)[0]} appears in more than one split folder "
-                                     f"of {self.data_dir}; splits must hold different brains")
             image_paths.update(images)
             if has_seg:
                 segs = _list_slices(seg_folder(self.data_dir, split), SEG_NAME)
@@ -674,7 +690,7 @@ def summarise(data_dir, img_size, grid_path):
               + (f", aligned to the template: mask overlap {source['alignment_overlap']:.2f} (1 = the "
                  f"template's own)" if "alignment_overlap" in source else ""))
     if len(sources) > NIFTI_LISTED:
-        print(f"  ... {len(sources) - NIFTI_LISTED} more volumes: see {info_path}")
+        print(f"  ... {len(sources) - NIFTI_LISTED} more volumes: see {os.path.join(data_dir, 'dataset_info.json')}")
     shown = "test" if "test" in present else present[0]
     data = loaded[shown]
     first_brain = [data[i][0] for i in range(len(data)) if data.brains[i] == data.brains[0]]

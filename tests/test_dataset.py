@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -112,10 +113,27 @@ def test_seg_files_that_do_not_pair(oasis_dir):
 
 
 def test_brain_in_two_splits(oasis_dir):
-    write_png(str(oasis_dir / "keras_png_slices_validate" / "case_3_slice_0.nii.png"), np.zeros((32, 32)))
-    write_png(str(oasis_dir / "keras_png_slices_seg_validate" / "seg_3_slice_0.nii.png"), np.zeros((32, 32)))
-    with pytest.raises(util.UserError, match="brain 3 appears in more than one split"):
-        dataset.OasisSlices("train_and_validate", str(oasis_dir), 32)
+    """Refused whichever split is loaded, and where the two folders hold different slices of it."""
+    os.rename(oasis_dir / "keras_png_slices_train" / "case_3_slice_11.nii.png",
+              oasis_dir / "keras_png_slices_test" / "case_3_slice_11.nii.png")
+    for mode in dataset.MODES:
+        with pytest.raises(util.UserError, match=r"brain 3 appears in more than one split .* \(train and test\)"):
+            dataset.OasisSlices(mode, str(oasis_dir), 32)
+
+
+def test_slice_past_the_brains_last_is_named(oasis_dir):
+    write_png(str(oasis_dir / "keras_png_slices_test" / "case_7_slice_32.nii.png"), np.zeros((32, 32)))
+    with pytest.raises(util.UserError, match="case_7_slice_32.nii.png is slice 32; a brain has slices 0..31"):
+        dataset.OasisSlices("test", str(oasis_dir), 32)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+    grey = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    path = tmp_path / "keras_png_slices_test" / "case_1_slice_0.nii.png"
+    os.makedirs(path.parent)
+    Image.fromarray(grey * 257).save(path)       # 8-bit grey g is 257 g in 16 bits
+    assert Image.open(path).mode.startswith("I")
+    assert np.array_equal(dataset.OasisSlices("test", str(tmp_path), 16).images[0], grey)
 
 
 # ----------------------------------------------------------------------------- demo brains
@@ -324,6 +342,14 @@ def test_one_volume_by_default_shares_goes_to_train_and_the_summary_copes(tmp_pa
     assert re.search(r"^  train +32 slices +1 brains", printed, re.M)
     assert re.search(r"^  test +empty", printed, re.M) and "grid of train brain 1" in printed
     assert (tmp_path / "grid.png").exists()
+    # more volumes than the summary lists: it says how many more, and where they are recorded
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        info = json.load(f)
+    info["sources"] |= {str(brain): info["sources"]["1"] for brain in range(2, dataset.NIFTI_LISTED + 3)}
+    with open(os.path.join(out, "dataset_info.json"), "w") as f:
+        json.dump(info, f)
+    dataset.summarise(out, 64, str(tmp_path / "grid.png"))
+    assert f"... 2 more volumes: see {os.path.join(out, 'dataset_info.json')}" in capsys.readouterr().out
 
 
 def test_nifti_splits_by_share_or_by_name():
