@@ -12,6 +12,7 @@ own smooth elastic warp, small affine change and intensity change (gamma, bias f
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -123,14 +124,14 @@ def _list_slices(folder, pattern):
 def check_splits_hold_different_brains(data_dir):
     """Refuse a brain found in two split folders, whichever split is loaded: a test brain seen in
     training would flatter every test figure."""
-    brains = {split: {brain for brain, _ in _list_slices(image_folder(data_dir, split), IMAGE_NAME)}
-              for split in present_splits(data_dir)}
-    for i, split in enumerate(brains):
-        for other in list(brains)[i + 1:]:
-            shared = brains[split] & brains[other]
-            if shared:
-                raise util.UserError(f"brain {min(shared)} appears in more than one split folder of {data_dir} "
-                                     f"({split} and {other}); splits must hold different brains")
+    # leniently: an empty or odd folder of a split not loaded is no reason to stop
+    brains = {split: {int(match[1]) for match in map(IMAGE_NAME.match, os.listdir(image_folder(data_dir, split)))
+                      if match} for split in present_splits(data_dir)}
+    for split, other in itertools.combinations(brains, 2):
+        shared = brains[split] & brains[other]
+        if shared:
+            raise util.UserError(f"brain {min(shared)} appears in more than one split folder of {data_dir} "
+                                 f"({split} and {other}); splits must hold different brains")
 
 
 def _read_png(path, img_size, resample):
