@@ -49,7 +49,7 @@ class BrainCritic(nn.Module):
             self.seg_head = nn.Conv2d(channels[0], NUM_TISSUES, 1)
 
     def forward(self, images):
-        """Images (B, 1, H, W) in [-1, 1] (H divisible by 2 ** (levels - 1)) ->
+        """Images (B, 1, H, W) in [-1, 1], any size ->
         {"features": (B, feature_dim), "z_logits": (B, num_z), "seg_logits": (B, 4, H, W) or None}."""
         skips, h = [], images
         for level, block in enumerate(self.encoder):
@@ -61,7 +61,8 @@ class BrainCritic(nn.Module):
                "seg_logits": None}
         if self.decoder is not None:
             for block, skip in zip(reversed(self.decoder), reversed(skips[:-1])):
-                h = block(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), skip], dim=1))
+                # to the skip's size: an odd size pooled down rounds down
+                h = block(torch.cat([F.interpolate(h, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
             out["seg_logits"] = self.seg_head(h)
         return out
 
@@ -84,6 +85,18 @@ def load_first_stage_critic(first_stage_config, ckpt_dir, device):
     return critic, data_dir, img_size
 
 
+def refuse_other_data(checkpoint, path, data_dir, img_size):
+    """Refuse a critic checkpoint trained on other files than data_dir's or at another size. The
+    data is named by its files, not its folder's path: a moved project keeps its critic."""
+    trained_on = (checkpoint.get("data_fingerprint"), checkpoint["config"]["IMG_SIZE"])
+    if trained_on != (dataset.data_fingerprint(data_dir), img_size):
+        # the path names only the folder and the size: the old critic must make way for a new one
+        raise util.UserError(f"the brain critic {path} was trained on {checkpoint['data_dir']} at {trained_on[1]}px, "
+                             f"not on the files of {os.path.abspath(data_dir)} at {img_size}px; move it aside and "
+                             f"train one for this data: python train_critic.py --DATA_DIR={data_dir} "
+                             f"--IMG_SIZE={img_size}")
+
+
 def load_critic(path, device, data_dir=None, img_size=None):
     """A critic trained by train_critic.py, in eval mode: (critic, checkpoint). With data_dir /
     img_size, refuse one trained on other data or at another size."""
@@ -92,12 +105,8 @@ def load_critic(path, device, data_dir=None, img_size=None):
                              + (f" --DATA_DIR={data_dir}" if data_dir else "")
                              + (f" --IMG_SIZE={img_size}" if img_size else ""))
     checkpoint = util.load_checkpoint(path)
-    # the data is named by its files, not its folder's path: a moved project keeps its critic
-    trained_on = (checkpoint.get("data_fingerprint"), checkpoint["config"]["IMG_SIZE"])
-    if data_dir is not None and trained_on != (dataset.data_fingerprint(data_dir), img_size):
-        raise util.UserError(f"the brain critic {path} was trained on {checkpoint['data_dir']} at {trained_on[1]}px, "
-                             f"not on the files of {os.path.abspath(data_dir)} at {img_size}px; train one for this "
-                             f"data: python train_critic.py --DATA_DIR={data_dir} --IMG_SIZE={img_size}")
+    if data_dir is not None:
+        refuse_other_data(checkpoint, path, data_dir, img_size)
     if checkpoint["epoch"] < checkpoint["config"]["EPOCHS"]:
         raise util.UserError(f"the brain critic {path} stopped at epoch {checkpoint['epoch']} of "
                              f"{checkpoint['config']['EPOCHS']}; re-run train_critic.py (same options) to finish it")

@@ -162,7 +162,9 @@ def score(description, reference, volumes=None):
     brains `reference` (which holds a `memorisation_threshold` per z, see reference_description),
     over the volumes indexed by `volumes` (default: all)."""
     index = np.arange(len(description["energy"])) if volumes is None else np.asarray(volumes)
-    d = {name: value[index] for name, value in description.items() if name != "same_z_ssim" and value is not None}
+    # per volume: all but the pairwise SSIMs (indexed below) and a reference's threshold per z
+    d = {name: value[index] for name, value in description.items()
+         if name not in ("same_z_ssim", "memorisation_threshold") and value is not None}
     num_z = d["energy"].shape[1]
     flat_features = d["features"].reshape(-1, d["features"].shape[-1])
     reference_features = reference["features"].reshape(-1, flat_features.shape[1])

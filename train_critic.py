@@ -112,6 +112,7 @@ if __name__ == "__main__":
     start_epoch, step, train_seconds = 0, 0, 0.0
     checkpoint = util.resume(path, config, SHAPE_KEYS, {"model": critic, "optimizer": optimizer})
     if checkpoint:
+        model_critic.refuse_other_data(checkpoint, path, data_dir, IMG_SIZE)   # resume only the same data's critic
         start_epoch, step, train_seconds = checkpoint["epoch"], checkpoint["step"], checkpoint["train_seconds"]
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None)
     step_values = util.StepValues(log, device, path, "Try a lower LR.")

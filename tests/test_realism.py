@@ -19,7 +19,7 @@ import dataset
 import realism
 import util
 from conftest import assert_within_eager_spread
-from model_critic import critic_path, load_critic
+from model_critic import BrainCritic, critic_path, load_critic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -62,6 +62,15 @@ def test_gaussian_blur_matches_scipy(brains):
     reference = np.stack([ndimage.gaussian_filter(image[0].numpy().astype(np.float64), 1.5, mode="mirror",
                                                   truncate=3.0) for image in images])
     assert np.allclose(ours[:, 0].numpy(), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [64, 100, 37])
+def test_critic_reads_any_image_size(size):
+    """Sizes that do not halve evenly down its levels included: a first stage may work at any."""
+    critic = BrainCritic(channels=(4, 8, 8, 8))
+    out = critic(torch.zeros(2, 1, size, size))
+    assert out["features"].shape == (2, 28) and out["z_logits"].shape == (2, 32)
+    assert out["seg_logits"].shape == (2, 4, size, size)
 
 
 def test_frechet_distance_against_closed_forms():
@@ -145,8 +154,17 @@ def test_critic_follows_its_data_when_moved_and_refuses_other_data_or_size(brain
     shutil.copytree(brains["data_dir"], moved)
     load_critic(path, "cpu", moved, SIZE)            # the same files elsewhere: the same data
     os.remove(sorted(glob.glob(os.path.join(dataset.image_folder(moved, "test"), "*.png")))[-1])
-    with pytest.raises(util.UserError, match="trained on .* at 64px, not on the files of .*; train one"):
+    with pytest.raises(util.UserError, match="trained on .* at 64px, not on the files of .*; move it aside and train"):
         load_critic(path, "cpu", moved, SIZE)
+    # the command that error suggests, while the old critic is still there, must not resume it as
+    # if it were this data's: the critic's file is named by the folder's name and the size only
+    with open(path, "rb") as f:
+        before = f.read()
+    with pytest.raises(util.UserError, match="not on the files of .*; move it aside"):
+        run_script("train_critic.py", CRITIC + [f"--DATA_DIR={moved}", f"--CKPT_DIR={brains['out_dir']}",
+                                                f"--LOG_DIR={tmp_path}"])
+    with open(path, "rb") as f:
+        assert f.read() == before
     with pytest.raises(util.UserError, match="trained on .* at 64px.*train_critic.py --DATA_DIR=.* --IMG_SIZE=32"):
         load_critic(path, "cpu", brains["data_dir"], 32)
     with pytest.raises(util.UserError, match="no brain critic at .*; train it first: python train_critic.py"):
@@ -231,6 +249,15 @@ def test_metrics_move_the_right_way_as_blur_or_noise_grows(brains):
     assert figures["noise0.03"]["diversity_ssim"] > figures["noise0.1"]["diversity_ssim"] > \
         figures["noise0.3"]["diversity_ssim"]
     assert figures["blur0.5"]["diversity_ssim"] < figures["blur2.0"]["diversity_ssim"]
+
+
+def test_a_reference_of_more_brains_than_slices_a_brain_scores_itself_as_real(brains):
+    """OASIS's validate split holds 35 brains of 32 slices: the per-z memorisation threshold
+    must not be taken for a per-volume figure."""
+    many = noisy(brains["test"].repeat(9, 1, 1, 1, 1)[:33], 0.02)
+    reference, real = realism.reference_description(many, brains["critic"], brains["train"])
+    assert reference["memorisation_threshold"].shape == (dataset.SLICES_PER_BRAIN,)
+    assert real["memorisation"] == 0 and real["frechet_distance"] == pytest.approx(0, abs=1e-6)
 
 
 def test_copies_of_training_brains_are_memorised_and_real_brains_are_not(brains, controls):
