@@ -280,7 +280,9 @@ def build_model(config):
 
 @torch.no_grad()
 def evaluate_reconstructions(model, loader, device, autocast):
-    """Mean per-image SSIM of reconstructions in [0, 1], and the code counts used (VQVAE)."""
+    """Mean per-image SSIM of reconstructions in [0, 1], and the code counts used (VQVAE). In eval
+    mode, then back to the mode it was in: a VQVAE in training mode moves its codebook as it encodes."""
+    was_training = model.training
     model.eval()
     scores, code_counts = [], None
     for images, _, _, zs in loader:
@@ -291,7 +293,7 @@ def evaluate_reconstructions(model, loader, device, autocast):
         if indices is not None:
             counts = torch.bincount(indices.flatten(), minlength=model.num_codes)
             code_counts = counts if code_counts is None else code_counts + counts
-    model.train()
+    model.train(was_training)
     return torch.cat(scores).mean().item(), code_counts
 
 

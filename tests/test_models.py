@@ -1,3 +1,4 @@
+import contextlib
 import importlib
 import os
 
@@ -12,7 +13,7 @@ import model_prior
 import util
 
 from model_discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
-from model_VAE import VAE, VQVAE, build_model
+from model_VAE import VAE, VQVAE, build_model, evaluate_reconstructions
 from module import ResBlock, VectorQuantizer, argmin_rows, codebook_stats, group_norm, gumbel_max
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,6 +176,19 @@ def test_quantizer_leaves_the_codebook_alone_in_eval_mode():
     before = {name: buffer.clone() for name, buffer in quantizer.named_buffers()}
     quantizer.eval()(5 + torch.randn(1, 2, 4, 4))
     assert all(torch.equal(before[name], buffer) for name, buffer in quantizer.named_buffers())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluating_reconstructions_leaves_the_model_in_its_mode_and_its_codebook_alone(training):
+    """pre_train.py evaluates a model in training and goes on training it; predict.py evaluates one
+    loaded for inference and goes on encoding with it, which in training mode would move its codes."""
+    torch.manual_seed(0)
+    vqvae = VQVAE(num_codes=32, code_dim=4, num_z_positions=32, **SMALL).train(training)
+    before = {name: buffer.clone() for name, buffer in vqvae.named_buffers()}
+    loader = [(torch.rand(4, 1, 32, 32) * 2 - 1, None, None, torch.arange(4))]
+    ssim, code_counts = evaluate_reconstructions(vqvae, loader, "cpu", contextlib.nullcontext)
+    assert vqvae.training == training and 0 < ssim < 1 and code_counts.sum() == 4 * 8 * 8
+    assert all(torch.equal(before[name], buffer) for name, buffer in vqvae.named_buffers())
 
 
 def test_quantizer_runs_in_fp32_under_autocast():
