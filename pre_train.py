@@ -282,12 +282,13 @@ if __name__ == "__main__":
             save_grids(core_model, validate_loader, code_histogram, device, epoch + 1)
             improved = val_ssim > best_val_ssim or TRAIN_SPLIT == "train_and_validate"
             best_val_ssim = max(best_val_ssim, val_ssim)
+        rng_states = util.rng_states()     # every process calls it: under torchrun it gathers theirs
+        if is_main:
             checkpoint = {"config": config, "model": core_model.state_dict(),
                           "discriminator": core_discriminator.state_dict(), "optimizer": optimizer.state_dict(),
                           "disc_optimizer": disc_optimizer.state_dict(), "code_histogram": code_histogram,
                           "epoch": epoch + 1, "step": step, "best_val_ssim": best_val_ssim,
-                          "train_seconds": train_seconds, "train_images": train_images,
-                          **util.rng_states()}
+                          "train_seconds": train_seconds, "train_images": train_images, **rng_states}
             util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in epoch_stats.items())

@@ -201,16 +201,20 @@ if __name__ == "__main__":
         if is_main and (epoch + 1) % GRID_EVERY == 0:
             images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS)
             util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_epoch{epoch + 1:03d}.png"))
-        if is_main and ((epoch + 1) % EVAL_EVERY == 0 or epoch + 1 == EPOCHS):
+        saving = (epoch + 1) % EVAL_EVERY == 0 or epoch + 1 == EPOCHS
+        if is_main and saving:
             val_loss = evaluate(ema_unet, diffusion, validate_latents, validate["z"], device, SEED)
             log.write(step - 1, {"val_loss": val_loss})
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
+        if saving:
+            rng_states = util.rng_states()     # every process calls it: under torchrun it gathers theirs
+        if is_main and saving:
             checkpoint = {"config": config, "model_args": model_args, "model": unet.state_dict(),
                           "ema_model": ema_unet.state_dict(), "optimizer": optimizer.state_dict(),
                           "stats": stats,
                           "epoch": epoch + 1, "step": step, "best_val_loss": best_val_loss,
-                          "train_seconds": train_seconds, **util.rng_states()}
+                          "train_seconds": train_seconds, **rng_states}
             util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val loss {val_loss:.4f}, "
                   f"{span_latents / (time.time() - span_start):.1f} latents/s" + (" (best)" if improved else ""))

@@ -181,10 +181,11 @@ if __name__ == "__main__":
                 prior.train()
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
+        rng_states = util.rng_states()     # every process calls it: under torchrun it gathers theirs
+        if is_main:
             checkpoint = {"config": config, "model_args": model_args, "model": prior.state_dict(),
                           "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
-                          "best_val_loss": best_val_loss, "train_seconds": train_seconds,
-                          **util.rng_states()}
+                          "best_val_loss": best_val_loss, "train_seconds": train_seconds, **rng_states}
             util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val {val_loss:.4f} nats/code, "
                   f"{len(train_loader) * BATCH_SIZE * world_size / epoch_seconds:.1f} slices/s"

@@ -497,9 +497,18 @@ def load_weights(target, state, path):
 
 def rng_states():
     """The random generators' states for a checkpoint (CPU, and each GPU's where there are GPUs:
-    random latents, dropout and sampling on a GPU draw from its generator), restored by resume()."""
-    return {"rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    random latents, dropout and sampling on a GPU draw from its generator), restored by resume().
+    Under torchrun every process's too, gathered: only the main one validates and draws pictures,
+    so their generators part. A collective then: every process calls it, after the main one's
+    validation."""
+    states = {"rng_state": torch.get_rng_state(),
+              "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    world_size, _ = world_size_and_rank()
+    if world_size > 1:
+        every_process = [None] * world_size
+        torch.distributed.all_gather_object(every_process, states)
+        states["process_rng_states"] = every_process
+    return states
 
 
 def resume(last_path, config, shape_keys, targets, verbose=True):
@@ -511,9 +520,13 @@ def resume(last_path, config, shape_keys, targets, verbose=True):
     checkpoint = load_checkpoint(last_path, config, shape_keys)
     for key, target in targets.items():
         load_weights(target, checkpoint[key], last_path)
-    torch.set_rng_state(checkpoint["rng_state"])
-    if checkpoint.get("cuda_rng_state") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
+    world_size, rank = world_size_and_rank()
+    every_process = checkpoint.get("process_rng_states")
+    # each process its own generators where as many saved them; else the main one's for all
+    states = every_process[rank] if every_process is not None and len(every_process) == world_size else checkpoint
+    torch.set_rng_state(states["rng_state"])
+    if states.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda_rng_state"])
     if verbose:
         print(f"resuming {last_path}: epoch {checkpoint['epoch']}, step {checkpoint['step']}")
     return checkpoint

@@ -143,17 +143,35 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_di
     assert load_last(tmp_path)["epoch"] == 1
 
 
-def test_torchrun_two_processes(demo_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")   # two CPU processes (gloo), GPU or not
-    # --standalone: rendezvous on a free port (a fixed one can be taken on a shared machine)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--standalone", os.path.join(ROOT, "pre_train.py"),
-                             *arguments(demo_dir, tmp_path, "--EPOCHS=1")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def test_torchrun_two_processes_train_and_resume_as_one_run(demo_dir, tmp_path):
+    """Two CPU processes (gloo), GPU or not; a run stopped as its second epoch (the GAN's) starts
+    and resumed ends bit for bit where the uninterrupted one does: each process gets its own
+    generators back, though only the main one validated and drew pictures."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    stopping = tmp_path / "stop_at_second_epoch.py"       # Ctrl-C in both processes as epoch 2 starts
+    stopping.write_text(f"import runpy, sys, torch\nsys.path.insert(0, {ROOT!r})\n"
+                        "def set_epoch(sampler, epoch):\n    if epoch == 1:\n        raise KeyboardInterrupt\n"
+                        "    sampler.epoch = epoch\ntorch.utils.data.DistributedSampler.set_epoch = set_epoch\n"
+                        f"runpy.run_path({os.path.join(ROOT, 'pre_train.py')!r}, run_name='__main__')\n")
+
+    def torchrun(script, out_dir):
+        # --standalone: rendezvous on a free port (a fixed one can be taken on a shared machine)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                               str(script), *arguments(demo_dir, out_dir, "--EPOCHS=2")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun(os.path.join(ROOT, "pre_train.py"), tmp_path / "straight")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Warning" not in result.stderr, result.stderr[-3000:]      # e.g. DDP's on gradient strides
-    summary = json.loads((tmp_path / "log" / "vqvae_summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 4   # 64 slices / (2 processes x 8)
+    summary = json.loads((tmp_path / "straight" / "log" / "vqvae_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 8   # 2 x 64 slices / (2 processes x 8)
+    assert torchrun(stopping, tmp_path / "resumed").returncode != 0
+    assert load_last(tmp_path / "resumed")["epoch"] == 1
+    result = torchrun(os.path.join(ROOT, "pre_train.py"), tmp_path / "resumed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight, resumed = load_last(tmp_path / "straight"), load_last(tmp_path / "resumed")
+    for name in ("model", "discriminator"):
+        for key, tensor in straight[name].items():
+            assert torch.equal(tensor, resumed[name][key]), f"{name}.{key} differs after resuming"
 
 
 def test_killed_run_resumes_from_the_last_complete_checkpoint(demo_dir, tmp_path, monkeypatch):
