@@ -6,9 +6,10 @@ latents, with their slice index z, for the transformer prior and the latent diff
 
 Each split is one file: {"latents": (N, C, h, w) float32 (VQVAE: pre-quantisation latents;
 VAE: mean and log-variance stacked on channels), "indices": (N, h, w) VQ codes or None,
-"z": (N,), "brain": (N,), "config": the first stage's config, "checkpoint": its path}. The
-train split alone sets the second stage's normalisation; validate picks its best epoch; test is
-touched once at the end (the original trained its second stage on the test split).
+"z": (N,), "brain": (N,), "config": the first stage's config with the DATA_DIR encoded,
+"checkpoint": its path}. The train split alone sets the second stage's normalisation; validate
+picks its best epoch; test is touched once at the end (the original trained its second stage on
+the test split).
 """
 import os
 
@@ -69,7 +70,8 @@ if __name__ == "__main__":
     for split in SPLITS:
         loader = dataset.get_dataloader(split, BATCH_SIZE, data_dir, first_stage_config["IMG_SIZE"], shuffle=False)
         collected = collect(model, loader, device)
-        collected.update(config=first_stage_config, checkpoint=checkpoint_path)
+        # the data encoded, for the second stage's searches and predict.py to score against
+        collected.update(config=first_stage_config | {"DATA_DIR": data_dir}, checkpoint=checkpoint_path)
         util.save_checkpoint(collected, latent_path(LATENT_DIR, FIRST_STAGE, split))
         print(f"{split}: {len(collected['z'])} slices -> {latent_path(LATENT_DIR, FIRST_STAGE, split)}, "
               f"latents {tuple(collected['latents'].shape[1:])}")

@@ -156,8 +156,9 @@ if __name__ == "__main__":
     util.seed_everything(SEED)
     device = util.get_device()
     collected = load_latents(LATENT_DIR, FIRST_STAGE, SPLIT)
-    first_stage, first_stage_config = load_first_stage(collected["checkpoint"], device)
-    critic, data_dir, img_size = load_first_stage_critic(first_stage_config, CKPT_DIR, device)
+    first_stage, _ = load_first_stage(collected["checkpoint"], device)
+    # the data the latents were collected from (latent_dataset.py's DATA_DIR), as the searches use
+    critic, data_dir, img_size = load_first_stage_critic(collected["config"], CKPT_DIR, device)
     loader = dataset.get_dataloader(SPLIT, 32, data_dir, img_size, shuffle=False)
     picture = os.path.join(VISUALIZE_DIR, FIRST_STAGE)
     os.makedirs(VISUALIZE_DIR, exist_ok=True)

@@ -429,6 +429,20 @@ def test_latent_dataset_writes_each_split_in_order(first_stage_dir, demo_dir):
     assert vae["latents"].shape == (32, 8, 8, 8) and vae["indices"] is None   # mean and log-variance
 
 
+def test_latents_of_other_data_record_it(first_stage_dir, demo_dir, tmp_path):
+    """The second stage's searches and predict.py score against the data its latents came from,
+    which need not be the first stage's."""
+    import dataset
+    other = tmp_path / "other_brains"
+    shutil.copytree(dataset.image_folder(demo_dir, "validate"), dataset.image_folder(str(other), "validate"))
+    run_script("latent_dataset.py", ["--FIRST_STAGE=vqvae", f"--CKPT_DIR={first_stage_dir}/ckpt", f"--DATA_DIR={other}",
+                                     "--SPLITS=('validate',)", f"--LATENT_DIR={tmp_path}"])
+    collected = util.load_checkpoint(str(tmp_path / "vqvae_validate.pt"))
+    assert collected["config"]["DATA_DIR"] == str(other) and len(collected["z"]) == 32
+    first_stage = util.load_checkpoint(str(first_stage_dir / "latents" / "vqvae_validate.pt"))
+    assert first_stage["config"]["DATA_DIR"] == demo_dir
+
+
 def test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises(first_stage_dir, tmp_path):
     arguments = second_stage_args(first_stage_dir, *TINY_PRIOR, *NO_SEARCH["train_viT.py"], "--LR=5e-3", f"--CKPT_DIR={tmp_path}",
                                   f"--LOG_DIR={tmp_path}", f"--VISUALIZE_DIR={tmp_path}")
