@@ -208,6 +208,33 @@ MUTATIONS = [
      ["tests/test_dataset.py::test_the_slice_frame_lays_the_slices_on_the_template_in_mm"]),
     ("resized_frame_half_a_pixel_off", "dataset.py", "    resize[:2, 3] = (factor - 1) / 2\n", "",
      ["tests/test_dataset.py::test_a_resized_frame_puts_each_voxel_at_the_centre_of_those_it_averages"]),
+    # a brain in two split folders caught only when one mode loads both; 16-bit slices clipped; slice 32 let in
+    ("splits_checked_only_within_a_mode", "dataset.py", "        check_splits_hold_different_brains(self.data_dir)\n",
+     "", ["tests/test_dataset.py::test_brain_in_two_splits"]),
+    ("png_16_bit_clipped", "dataset.py", 'if image.mode.startswith("I"):', "if False:",
+     ["tests/test_dataset.py::test_16_bit_pngs_are_scaled_to_8_bits_not_clipped"]),
+    ("slice_past_the_last_let_in", "dataset.py", "if int(match[2]) >= SLICES_PER_BRAIN:", "if False:",
+     ["tests/test_dataset.py::test_slice_past_the_brains_last_is_named"]),
+    # the reference's per-z memorisation threshold indexed as if per volume (more than 32 reference brains fail)
+    ("memorisation_threshold_indexed_per_volume", "realism.py",
+     'if name not in ("same_z_ssim", "memorisation_threshold") and value', 'if name != "same_z_ssim" and value',
+     ["tests/test_realism.py::test_a_reference_of_more_brains_than_slices_a_brain_scores_itself_as_real"]),
+    # the critic's decoder doubling each level, which misses a skip pooled down from an odd size
+    ("critic_upsamples_by_two", "model_critic.py", "F.interpolate(h, size=skip.shape[-2:], mode=",
+     "F.interpolate(h, scale_factor=2.0, mode=", ["tests/test_realism.py::test_critic_reads_any_image_size"]),
+    # train_critic.py resuming the finished critic of other files that bears the same folder name
+    ("critic_of_other_files_resumed", "train_critic.py",
+     "        model_critic.refuse_other_data(checkpoint, path, data_dir, IMG_SIZE)", "        pass",
+     ["tests/test_realism.py::test_critic_follows_its_data_when_moved_and_refuses_other_data_or_size"]),
+    # predict.py's first stage left in training mode after the test SSIM, moving its codebook as it encodes
+    ("evaluation_leaves_the_model_training", "model_VAE.py", "model.train(was_training)", "model.train()",
+     ["tests/test_models.py::test_evaluating_reconstructions_leaves_the_model_in_its_mode_and_its_codebook_alone"]),
+    # every torchrun process resumed with the main one's generators
+    ("processes_resumed_with_the_main_generators", "util.py", "if every_process is not None and len(every_process)",
+     "if False and len(every_process)", [PRE_TRAIN + "test_torchrun_two_processes_train_and_resume_as_one_run"]),
+    # latents collected from other data recording the first stage's data, which the searches and predict.py score on
+    ("latents_record_the_first_stage_data", "latent_dataset.py", 'first_stage_config | {"DATA_DIR": data_dir}',
+     "first_stage_config", [SECOND_STAGE + "test_latents_of_other_data_record_it"]),
 ]
 
 
