@@ -121,7 +121,10 @@ class UserError(SystemExit):
 
 # ----------------------------------------------------------------------------- runtime
 def seed_everything(seed):
-    """Seed Python, numpy and torch (all devices) so a CPU run repeats exactly."""
+    """Seed Python, numpy and torch (all devices) so a CPU run repeats exactly. Under torchrun each
+    process from seed + its rank: one seed would give every process the same random latents, noise
+    and timesteps (their models start alike all the same: DDP copies the main one's)."""
+    seed += world_size_and_rank()[1]
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -232,6 +232,9 @@ MUTATIONS = [
     # every torchrun process resumed with the main one's generators
     ("processes_resumed_with_the_main_generators", "util.py", "if every_process is not None and len(every_process)",
      "if False and len(every_process)", [PRE_TRAIN + "test_torchrun_two_processes_train_and_resume_as_one_run"]),
+    # every torchrun process seeded alike, drawing the same random latents and noise as the others
+    ("processes_seeded_alike", "util.py", "    seed += world_size_and_rank()[1]\n", "",
+     ["tests/test_util.py::test_torchrun_processes_draw_their_own_random_numbers_from_models_alike"]),
     # latents collected from other data recording the first stage's data, which the searches and predict.py score on
     ("latents_record_the_first_stage_data", "latent_dataset.py", 'first_stage_config | {"DATA_DIR": data_dir}',
      "first_stage_config", [SECOND_STAGE + "test_latents_of_other_data_record_it"]),

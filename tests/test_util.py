@@ -314,6 +314,37 @@ def test_only_the_main_process_goes_on_after_training(tmp_path):
     assert "rank 1" not in result.stdout
 
 
+OWN_NUMBERS = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import util
+util.setup_distributed()
+util.seed_everything(0)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(2, 2, 1))
+draws, weights = [None, None], [None, None]
+torch.distributed.all_gather_object(draws, torch.rand(3))
+torch.distributed.all_gather_object(weights, model.module.weight.detach())
+if torch.distributed.get_rank() == 0:
+    torch.manual_seed(0)
+    torch.nn.Conv2d(2, 2, 1)
+    print("main draws as one process:", torch.equal(draws[0], torch.rand(3)))
+    print("processes draw alike:", torch.equal(draws[0], draws[1]))
+    print("models alike:", torch.equal(weights[0], weights[1]))
+"""
+
+
+def test_torchrun_processes_draw_their_own_random_numbers_from_models_alike(tmp_path):
+    """Seeded alike, every process would draw the same random latents and noise for its share of
+    the batch; the main one draws what one process would."""
+    script = tmp_path / "draw.py"
+    script.write_text(OWN_NUMBERS.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "main draws as one process: True\nprocesses draw alike: False\nmodels alike: True" in result.stdout
+
+
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(monkeypatch):
     """A one-GPU machine asked for two processes: rank 1 would die with "invalid device ordinal"."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
