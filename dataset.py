@@ -702,6 +702,12 @@ def summarise(data_dir, img_size, grid_path):
 if __name__ == "__main__":
     util.check_single_process()
     util.check_positive_ints(util.apply_overrides(globals(), other_types={"NIFTI_SPLIT": str}), ("IMG_SIZE",))
+    if not (isinstance(DEMO_BRAINS, tuple) and len(DEMO_BRAINS) == len(SPLITS)
+            and all(type(count) is int and count > 0 for count in DEMO_BRAINS)):
+        raise util.UserError(f"DEMO_BRAINS must be three positive integers (train, validate, test), "
+                             f"got {DEMO_BRAINS!r}")
+    if DEMO_SEED < 0:
+        raise util.UserError(f"DEMO_SEED must be a non-negative integer, got {DEMO_SEED}")
     start = time.time()
     if NIFTI_FILES:
         masks = find_nifti(NIFTI_MASK_FILES, "NIFTI_MASK_FILES") if NIFTI_MASK_FILES else ()

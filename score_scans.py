@@ -92,6 +92,8 @@ def plot_ssim_per_z(ssim, brains, reference, path):
 if __name__ == "__main__":
     util.check_single_process()
     util.apply_overrides(globals())
+    if SPLIT not in dataset.SPLITS:     # a mode of several splits would be written back as a folder none reads
+        raise util.UserError(f"SPLIT must be one of {', '.join(dataset.SPLITS)}, got {SPLIT!r}")
     if not DATA_DIR:
         raise util.UserError("give the folder to score: python score_scans.py --DATA_DIR=my_scans (an OASIS-layout "
                              "folder; dataset.py --NIFTI_FILES=... --NIFTI_SPLIT=test makes one from NIfTI volumes)")

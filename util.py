@@ -588,8 +588,6 @@ def _example(name, default, source):
 def _checked_value(name, default, value, source, types):
     """`value` converted to one of `types` (the default's type first), or a UserError naming the
     constant, the type expected and an example."""
-    if default is None:
-        return value
     if float in types and type(value) is int:
         value = float(value)
     if tuple in types and isinstance(value, list):
@@ -602,14 +600,17 @@ def _checked_value(name, default, value, source, types):
 
 
 def _parse_literal(text, types):
-    """A command-line value: a Python literal, or the raw text ("--MODE=VAE"; always for a
-    string-only constant, so "--RUN_NAME=2" is "2"). Text that other constants cannot parse is
-    returned as is, for _checked_value to refuse with the type expected."""
+    """A command-line value: a Python literal, or the raw text ("--MODE=VAE"; always where a
+    string is allowed and the literal's type is not, so "--RUN_NAME=2" is "2" and "--DATA_DIR=2024"
+    a folder). Text that other constants cannot parse is returned as is, for _checked_value to
+    refuse with the type expected."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
-    return text if types == (str,) and not isinstance(value, str) else value
+    # _checked_value takes an int for a number and a list for a tuple
+    fits = type(value) in types or (float in types and type(value) is int) or (tuple in types and type(value) is list)
+    return text if str in types and not fits else value
 
 
 def check_positive_ints(config, names):
@@ -677,13 +678,15 @@ def apply_overrides(namespace, argv=None, other_types=None):
     """Override a script's upper-case constants in place, nanoGPT style. Arguments are read
     left to right: `path/to/preset.py` executes a small config file of plain assignments,
     `--NAME=value` sets one constant (a Python literal; bare text for strings). A value must
-    have its default's type, or the type `other_types` ({name: type}) allows besides it (an int
-    or a tuple of per-level counts). Unknown names, values of the wrong type and unreadable
+    have the script's default's type (a None default: None, True / False or text), or the type
+    `other_types` ({name: type}) allows besides it (an int or a tuple of per-level counts), even
+    after an earlier argument gave the constant the other type. Unknown names, values of the wrong type and unreadable
     config files stop with a UserError. `--help` (or `-h`) prints config_help and exits.
     Returns the final {name: value} config."""
     argv = sys.argv[1:] if argv is None else argv
     other_types = other_types or {}
     names = config_names(namespace)
+    defaults = {name: namespace[name] for name in names}    # types come from these, whatever set them since
     for arg in argv:
         if arg in ("--help", "-h"):
             try:
@@ -715,8 +718,10 @@ def apply_overrides(namespace, argv=None, other_types=None):
             if name not in names:
                 raise UserError(f"{source}: unknown constant {name!r}; this script has: "
                                 + ", ".join(sorted(names)))
-            default = namespace[name]
-            types = (type(default),) + ((other_types[name],) if name in other_types else ())
+            default = defaults[name]
+            # a None default (a folder, or "decide for me") takes None, True / False or text
+            types = ((type(None), bool, str) if default is None else (type(default),)) \
+                + ((other_types[name],) if name in other_types else ())
             if isinstance(value, str) and source.startswith("argument"):
                 value = _parse_literal(value, types)
             namespace[name] = _checked_value(name, default, value, source, types)

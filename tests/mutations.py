@@ -235,6 +235,13 @@ MUTATIONS = [
     # every torchrun process seeded alike, drawing the same random latents and noise as the others
     ("processes_seeded_alike", "util.py", "    seed += world_size_and_rank()[1]\n", "",
      ["tests/test_util.py::test_torchrun_processes_draw_their_own_random_numbers_from_models_alike"]),
+    # a constant's type taken from whatever an earlier argument set; a None default parsing "2024" as a number
+    ("types_from_the_current_value", "util.py", "            default = defaults[name]\n",
+     "            default = namespace[name]\n",
+     ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
+    ("none_defaults_take_any_literal", "util.py", "((type(None), bool, str) if default is None else",
+     "((type(None),) if default is None else",
+     ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
     # latents collected from other data recording the first stage's data, which the searches and predict.py score on
     ("latents_record_the_first_stage_data", "latent_dataset.py", 'first_stage_config | {"DATA_DIR": data_dir}',
      "first_stage_config", [SECOND_STAGE + "test_latents_of_other_data_record_it"]),

@@ -67,6 +67,10 @@ def test_res_blocks_take_a_tuple_per_level_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("dataset.py", ["--IMG_SIZE=0", "--DATA_DIR=none"], "IMG_SIZE must be a positive integer, got 0"),
+    ("dataset.py", ["--DEMO_BRAINS=(48, 8)"], "DEMO_BRAINS must be three positive integers (train, validate, test), "
+     "got (48, 8)"),
+    ("dataset.py", ["--DEMO_SEED=-1"], "DEMO_SEED must be a non-negative integer, got -1"),
+    ("score_scans.py", ["--SPLIT=all", "--DATA_DIR=none"], "SPLIT must be one of train, validate, test, got 'all'"),
     ("latent_dataset.py", ["--BATCH_SIZE=0"], "BATCH_SIZE must be a positive integer, got 0"),
     ("pre_train.py", ["--TRAIN_SPLIT=test", "--DATA_DIR=none"],
      "TRAIN_SPLIT must be one of train, train_and_validate, got 'test'"),

@@ -187,6 +187,23 @@ def test_a_second_type_and_bare_text_for_strings():
         apply("--RES_BLOCKS=(1, 2)", other_types={})
 
 
+def test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before(tmp_path):
+    """A None default takes None, True / False or text (a folder named 2024 is a folder); a
+    constant an earlier argument gave its other type still takes its default's type."""
+    config = util.apply_overrides(script_constants(), ["--DATA_DIR=2024"])
+    assert config["DATA_DIR"] == "2024"
+    assert util.apply_overrides(script_constants(), ["--DATA_DIR=/data", "--DATA_DIR=None"])["DATA_DIR"] is None
+    preset = tmp_path / "numbered.py"
+    preset.write_text("DATA_DIR = 2024\n")           # in a config file a string is written as one
+    with pytest.raises(util.UserError, match="DATA_DIR must be None or True or False or a string, .*got 2024$"):
+        util.apply_overrides(script_constants(), [str(preset)])
+    preset = tmp_path / "one_split.py"
+    preset.write_text("SPLIT = 'test'\n")
+    namespace = {"SPLIT": (0.8, 0.1, 0.1)}
+    config = util.apply_overrides(namespace, [str(preset), "--SPLIT=(0.5, 0.5, 0)"], other_types={"SPLIT": str})
+    assert config["SPLIT"] == (0.5, 0.5, 0)
+
+
 def test_positive_int_check_names_the_constant():
     util.check_positive_ints({"EPOCHS": 3, "BATCH_SIZE": 1}, ("EPOCHS", "BATCH_SIZE"))
     for bad in (0, -2, 2.0, True):
