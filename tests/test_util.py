@@ -318,15 +318,21 @@ print(f"rank {{rank}} went on alone: initialized {{torch.distributed.is_initiali
 """
 
 
-def test_only_the_main_process_goes_on_after_training(tmp_path):
-    """Two torchrun processes leave together; the main one goes on without a process group, the
-    other ends cleanly (exit 0, nothing after the call)."""
-    script = tmp_path / "train.py"
-    script.write_text(LEAVE_AFTER_TRAINING.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+def run_two_cpu_processes(script, source):
+    """`source` (its {root} the project's folder) written to `script` and run by torchrun in two CPU
+    processes (gloo); the finished process, checked to have exited 0."""
+    script.write_text(source.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                              str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_only_the_main_process_goes_on_after_training(tmp_path):
+    """Two torchrun processes leave together; the main one goes on without a process group, the
+    other ends cleanly (exit 0, nothing after the call)."""
+    result = run_two_cpu_processes(tmp_path / "train.py", LEAVE_AFTER_TRAINING)
     assert result.stdout.split("\n").count("rank 0 went on alone: initialized False") == 1
     assert "rank 1" not in result.stdout
 
@@ -353,12 +359,7 @@ if torch.distributed.get_rank() == 0:
 def test_torchrun_processes_draw_their_own_random_numbers_from_models_alike(tmp_path):
     """Seeded alike, every process would draw the same random latents and noise for its share of
     the batch; the main one draws what one process would."""
-    script = tmp_path / "draw.py"
-    script.write_text(OWN_NUMBERS.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                             str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_two_cpu_processes(tmp_path / "draw.py", OWN_NUMBERS)
     assert "main draws as one process: True\nprocesses draw alike: False\nmodels alike: True" in result.stdout
 
 
