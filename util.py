@@ -680,8 +680,9 @@ def apply_overrides(namespace, argv=None, other_types=None):
     `--NAME=value` sets one constant (a Python literal; bare text for strings). A value must
     have the script's default's type (a None default: None, True / False or text), or the type
     `other_types` ({name: type}) allows besides it (an int or a tuple of per-level counts), even
-    after an earlier argument gave the constant the other type. Unknown names, values of the wrong type and unreadable
-    config files stop with a UserError. `--help` (or `-h`) prints config_help and exits.
+    after an earlier argument gave the constant the other type. Unknown names, values of the
+    wrong type and unreadable config files stop with a UserError. `--help` (or `-h`) prints
+    config_help and exits.
     Returns the final {name: value} config."""
     argv = sys.argv[1:] if argv is None else argv
     other_types = other_types or {}
