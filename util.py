@@ -585,13 +585,19 @@ def _example(name, default, source):
     return f"--{name}={shlex.quote(text)}"
 
 
+def _converted(value, types):
+    """`value`, an int made a float and a list a tuple where `types` want those; else as it is."""
+    if float in types and type(value) is int:
+        return float(value)
+    if tuple in types and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
 def _checked_value(name, default, value, source, types):
     """`value` converted to one of `types` (the default's type first), or a UserError naming the
     constant, the type expected and an example."""
-    if float in types and type(value) is int:
-        value = float(value)
-    if tuple in types and isinstance(value, list):
-        value = tuple(value)
+    value = _converted(value, types)
     # bool is a subclass of int: compare exact types so True never passes for an int
     if type(value) not in types:
         raise UserError(f"{source}: {name} must be {' or '.join(_TYPE_WORDS[t] for t in types)}, "
@@ -608,9 +614,7 @@ def _parse_literal(text, types):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
-    # _checked_value takes an int for a number and a list for a tuple
-    fits = type(value) in types or (float in types and type(value) is int) or (tuple in types and type(value) is list)
-    return text if str in types and not fits else value
+    return text if str in types and type(_converted(value, types)) not in types else value
 
 
 def check_positive_ints(config, names):
