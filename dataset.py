@@ -229,13 +229,13 @@ def collate_slices(batch):
 
 def get_dataloader(mode, batch_size, data_dir=None, img_size=IMG_SIZE, shuffle=None,
                    seed=0, num_workers=0, drop_last=None):
-    """A DataLoader over OasisSlices(mode) (see util.make_loader). Shuffles and drops the last
-    partial batch only for the training modes unless told otherwise. Worker processes, if any,
+    """A DataLoader over OasisSlices(mode) (see util.make_loader). Shuffles only the training
+    modes unless told otherwise, and drops the last partial batch only when it shuffles: a
+    pass in order (latent collection, evaluation) reads every slice. Worker processes, if any,
     live across epochs (starting them each epoch would cost more than a demo epoch's loading)."""
-    training = mode in TRAINING_MODES
-    return util.make_loader(OasisSlices(mode, data_dir, img_size), batch_size,
-                            shuffle=training if shuffle is None else shuffle, seed=seed,
-                            drop_last=training if drop_last is None else drop_last,
+    shuffle = mode in TRAINING_MODES if shuffle is None else shuffle
+    return util.make_loader(OasisSlices(mode, data_dir, img_size), batch_size, shuffle=shuffle, seed=seed,
+                            drop_last=shuffle if drop_last is None else drop_last,
                             num_workers=num_workers, persistent_workers=num_workers > 0,
                             collate_fn=collate_slices)
 

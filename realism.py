@@ -280,6 +280,11 @@ def choose_setting(sample, settings, critic, validate_volumes, train_volumes, se
         figures = score(describe(sample(setting), critic, train_volumes), reference)
         rows.append({"setting": setting, "figures": figures, "distance_to_real": distance_to_real(figures, real)})
     metrics = [m for m in SELECTION_METRICS if all(m in row["distance_to_real"] for row in rows)]
+    if len(metrics) < len(SELECTION_METRICS):
+        # a search that silently ranks on fewer figures picks settings on what it can see
+        print(f"realism: ranking without {', '.join(m for m in SELECTION_METRICS if m not in metrics)}: the "
+              f"Frechet distance needs more sampled slices than the critic's {critic.feature_dim} features, "
+              "diversity and identity need 2 volumes; sample more volumes per setting (SWEEP_VOLUMES)")
     from scipy import stats     # as in frechet_distance
     # rounded: the same slices in another order tie, rather than rank by their sums' rounding
     ranks = np.stack([stats.rankdata(np.round([row["distance_to_real"][metric] for row in rows], 9))

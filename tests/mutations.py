@@ -245,6 +245,13 @@ MUTATIONS = [
     # latents collected from other data recording the first stage's data, which the searches and predict.py score on
     ("latents_record_the_first_stage_data", "latent_dataset.py", 'first_stage_config | {"DATA_DIR": data_dir}',
      "first_stage_config", [SECOND_STAGE + "test_latents_of_other_data_record_it"]),
+    # latent collection dropping the train split's last partial batch (a whole brain at an odd brain count)
+    ("collection_drops_the_last_batch", "dataset.py", "drop_last=shuffle if drop_last is None else drop_last",
+     "drop_last=mode in TRAINING_MODES if drop_last is None else drop_last",
+     [SECOND_STAGE + "test_latent_dataset_keeps_the_last_partial_batch"]),
+    # a search too small for the Frechet distance ranking without it, unannounced
+    ("search_drops_figures_silently", "realism.py", "    if len(metrics) < len(SELECTION_METRICS):\n",
+     "    if False:\n", ["tests/test_realism.py::test_choose_setting_says_which_figures_too_few_volumes_cannot_rank"]),
 ]
 
 

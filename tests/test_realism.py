@@ -320,6 +320,19 @@ def test_choose_setting_keeps_volumes_one_brain(brains):
     assert figures["dealt"]["identity_correlation"] < 0.2 < figures["real"]["identity_correlation"]
 
 
+def test_choose_setting_says_which_figures_too_few_volumes_cannot_rank(brains, capsys):
+    """Two volumes are 64 slices, fewer than the critic's features: the search ranks without
+    the Frechet distance, and says so (the GPU presets once searched that way unawares)."""
+    assert 64 < brains["critic"].feature_dim < 4 * dataset.SLICES_PER_BRAIN
+    _, rows = realism.choose_setting(lambda sigma: blurred(brains["test"][:2], sigma), (0.5, 1.0),
+                                     brains["critic"], brains["validate"], brains["train"])
+    assert "frechet_distance" not in rows[0]["distance_to_real"]
+    assert "ranking without frechet_distance:" in capsys.readouterr().out
+    realism.choose_setting(lambda sigma: blurred(brains["test"], sigma), (0.5, 1.0),
+                           brains["critic"], brains["validate"], brains["train"])
+    assert "ranking without" not in capsys.readouterr().out
+
+
 def test_every_setting_samples_from_the_same_random_numbers(brains):
     """Common random numbers: two settings that set the same thing draw the same volumes and
     score the same, so that a search over a few volumes compares settings, not draws."""

@@ -429,6 +429,15 @@ def test_latent_dataset_writes_each_split_in_order(first_stage_dir, demo_dir):
     assert vae["latents"].shape == (32, 8, 8, 8) and vae["indices"] is None   # mean and log-variance
 
 
+def test_latent_dataset_keeps_the_last_partial_batch(first_stage_dir, demo_dir, tmp_path):
+    """A batch size that does not divide the train split still encodes every slice."""
+    import dataset
+    run_script("latent_dataset.py", ["--FIRST_STAGE=vqvae", f"--CKPT_DIR={first_stage_dir}/ckpt", "--BATCH_SIZE=48",
+                                     "--SPLITS=('train',)", f"--LATENT_DIR={tmp_path}"])
+    train = util.load_checkpoint(str(tmp_path / "vqvae_train.pt"))
+    assert torch.equal(train["z"], torch.from_numpy(dataset.OasisSlices("train", demo_dir, 32).zs))
+
+
 def test_latents_of_other_data_record_it(first_stage_dir, demo_dir, tmp_path):
     """The second stage's searches and predict.py score against the data its latents came from,
     which need not be the first stage's."""
