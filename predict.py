@@ -32,7 +32,7 @@ import realism
 import util
 from latent_dataset import load_latents
 from model_critic import load_first_stage_critic
-from model_diffusion import decode_latents, load_diffusion
+from model_diffusion import decode_latents, diffusion_latents, load_diffusion
 from model_diffusion import sample_volumes as diffusion_volumes
 from model_prior import SAMPLING_KEYS, load_prior
 from model_prior import sample_volumes as prior_volumes
@@ -49,8 +49,9 @@ BLUR_SIGMA = 1.0             # control: validate blurred by a Gaussian of 1 px a
 NOISE_STD = 0.1              # control: validate plus Gaussian noise of this std (images span [-1, 1])
 SPECKLE_STD = 0.075          # control: validate blurred (BLUR_SIGMA) plus noise of this std: about real's sharpness
                              # at 64x64, but as Gaussian speckle, which only the detail kurtosis tells from real
-GIF_EVERY = 3                # keep every 3rd DDPM state: 50 frames, as the original's every 20th of 1000
-GIF_FPS = 30
+GIF_FRAMES = 50              # DDPM states in the GIF after the noise, evenly spaced to the end (the original's
+                             # every 20th of 1000); DDPM_STEPS // GIF_FRAMES steps apart
+GIF_FPS = 25                 # GIF stores delays in 1/100 s: 25 fps is exact, 30 would play at 33
 GIF_HOLD_SECONDS = 1.0       # the last frame stays this long
 TSNE_POINTS = 1024           # latents in the t-SNE plot (at most; drawn evenly)
 VOLUMES_DIR = None           # a folder: every sampler's volumes are also written there as data, each sampler's
@@ -67,9 +68,11 @@ VISUALIZE_DIR = "visualize"
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
-def save_denoising_gif(states, decode, path):
-    """Decode each kept DDPM state of one volume and write them as a looping GIF."""
-    frames = np.stack([util.image_grid(decode(state)) for state in states])
+def save_denoising_gif(states, decode, sampled, path):
+    """Decode each kept DDPM state of one volume but the last and write them as a looping GIF
+    whose last frame is `sampled`, the volume (Z, 1, H, W) those states decoded to as predict.py
+    scores it (a snap temperature draws its codes afresh at every decode)."""
+    frames = np.stack([util.image_grid(decode(state)) for state in states[:-1]] + [util.image_grid(sampled)])
     durations = [1000 / GIF_FPS] * (len(frames) - 1) + [1000 * GIF_HOLD_SECONDS]   # milliseconds
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     iio.imwrite(path, frames, duration=durations, loop=0)
@@ -104,12 +107,15 @@ def plot_tsne(latents, z, brain, path):
     keep = torch.linspace(0, len(latents) - 1, min(TSNE_POINTS, len(latents))).long()
     points = TSNE(n_components=2, init="pca", random_state=SEED,
                   perplexity=min(30.0, len(keep) - 1.0)).fit_transform(latents[keep].flatten(1).numpy())
-    brain_rank = np.unique(brain[keep].numpy(), return_inverse=True)[1]
+    brain_ids, brain_rank = np.unique(brain[keep].numpy(), return_inverse=True)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, colour, label, cmap in ((axes[0], z[keep].numpy(), "slice index z", "viridis"),
                                     (axes[1], brain_rank, "brain", "tab20")):
         scatter = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=cmap, s=8)
-        fig.colorbar(scatter, ax=ax, label=label)
+        colour_bar = fig.colorbar(scatter, ax=ax, label=label)
+        if label == "brain":     # coloured by rank (evenly spread colours), ticked with the brains' ids
+            ticks = np.unique(np.linspace(0, len(brain_ids) - 1, min(len(brain_ids), 10)).round().astype(int))
+            colour_bar.set_ticks(ticks, labels=[str(brain_ids[tick]) for tick in ticks])
         ax.set_title(f"coloured by {label}")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -152,7 +158,7 @@ def in_batches(function, volumes, device, batch=256):
 
 if __name__ == "__main__":
     util.check_single_process()
-    util.apply_overrides(globals())
+    util.check_positive_ints(util.apply_overrides(globals()), ("VOLUMES", "DDPM_STEPS", "GIF_FRAMES", "TSNE_POINTS"))
     util.seed_everything(SEED)
     device = util.get_device()
     collected = load_latents(LATENT_DIR, FIRST_STAGE, SPLIT)
@@ -169,7 +175,7 @@ if __name__ == "__main__":
     if code_counts is not None:
         usage = plot_codebook_usage(code_counts, f"{picture}_codebook_usage.png")
         results.update(codebook_usage=usage["active_share"], perplexity=usage["perplexity"])
-    plot_tsne(collected["latents"], collected["z"], collected["brain"], f"{picture}_latents_tsne.png")
+    plot_tsne(diffusion_latents(collected), collected["z"], collected["brain"], f"{picture}_latents_tsne.png")
 
     train, validate, test = (dataset.OasisSlices(split, data_dir, img_size).volumes()
                              for split in ("train", "validate", "test"))
@@ -220,17 +226,23 @@ if __name__ == "__main__":
 
             def ddpm_volumes():
                 """All volumes in one batch, each volume's slices sharing one noise trajectory; the
-                first volume's states (every GIF_EVERY-th) are kept for the GIF."""
+                first volume's states (GIF_FRAMES of them after the noise) are kept for the GIF."""
                 latents, states = diffusion.sample_ddpm(unet, (len(z),) + tuple(stats["latent_shape"]), z,
                                                         x0_bound=stats["x0_bound"], noise_groups=VOLUMES,
-                                                        keep_every=GIF_EVERY, progress=True, steps=DDPM_STEPS,
+                                                        keep_every=max(1, DDPM_STEPS // GIF_FRAMES), progress=True, steps=DDPM_STEPS,
                                                         guidance=guidance)
                 gif_states.extend(state[:NUM_Z] for state in states)
                 return decode_latents(first_stage, latents, stats, z, snap_temperature, noise_groups=VOLUMES)
 
             timed(f"diffusion_ddpm{DDPM_STEPS}", ddpm_volumes)
-            save_denoising_gif(gif_states, lambda state: decode_latents(first_stage, state, stats, z[:NUM_Z],
-                                                                        snap_temperature, noise_groups=1),
+
+            def decode_state(state):
+                """Every frame snaps with the same random draws: the frames change with the state alone."""
+                with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+                    torch.manual_seed(SEED)
+                    return decode_latents(first_stage, state, stats, z[:NUM_Z], snap_temperature, noise_groups=1)
+
+            save_denoising_gif(gif_states, decode_state, sources[f"diffusion_ddpm{DDPM_STEPS}"][0],
                                f"{picture}_denoising.gif")
     if VOLUMES_DIR is not None:
         frame = dataset.data_frame(data_dir)
