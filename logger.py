@@ -13,15 +13,18 @@ import numpy as np
 
 # ----------------------------------------------------------------------------- config
 LOG_DIR = "log"
-SMOOTHING = 5              # moving-average window of the plotted curves
+SMOOTHING = 5              # moving-average window of the plotted curves (1: as logged)
 
-# the original's four panels, codebook usage and validation SSIM (first stage); the second
-# stage's training and validation losses; the brain critic's terms and validation scores
+# the original's four panels (its balancing weights apart: the KL weight is ~1e-6, the adaptive
+# GAN weight ~1e-2, and one axis would flatten the annealing), codebook usage and validation SSIM
+# (first stage); the second stage's training and validation losses; the brain critic's terms and
+# validation scores
 PANELS = {
-    "reconstruction": ("rec_loss",),
+    "reconstruction": ("rec_loss", "detail_loss"),
     "regulariser": ("vq_loss", "kl_loss"),
     "GAN terms": ("g_loss", "g_random_loss", "d_loss"),
-    "balancing weights": ("adaptive_weight", "kl_weight"),
+    "adaptive GAN weight": ("adaptive_weight",),
+    "KL weight (cyclical annealing)": ("kl_weight",),
     "codebook usage": ("codebook_usage", "perplexity_share"),
     "validation SSIM": ("val_ssim",),
     "training loss": ("train_loss",),
@@ -104,7 +107,8 @@ def plot_log(path, out_path, smoothing=SMOOTHING):
             steps, values = series[name]
             window = smoothing if len(values) > 10 * smoothing else 1
             smooth = moving_average(values, window)
-            ax.plot(steps[window - 1:], smooth, label=name, marker="o" if len(values) < 50 else None)
+            ax.plot(steps[window - 1:], smooth, label=name if window == 1 else f"{name} ({window}-step mean)",
+                    marker="o" if len(values) < 50 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -123,7 +127,7 @@ if __name__ == "__main__":
     import util
     util.check_single_process()
     options = [a for a in sys.argv[1:] if a.startswith("-") or a.endswith(".py")]
-    util.apply_overrides(globals(), options)
+    util.check_positive_ints(util.apply_overrides(globals(), options), ("SMOOTHING",))
     runs = [a for a in sys.argv[1:] if a not in options] \
         or sorted(f[:-4] for f in os.listdir(LOG_DIR) if f.endswith(".log"))
     if not runs:
