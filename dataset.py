@@ -655,6 +655,10 @@ def resolve_data_dir(data_dir=None):
         data_dir = demo_data_dir(DEMO_BRAINS, DEMO_SEED, DEMO_DIR)
         if not os.path.isdir(data_dir):
             build_demo_brains(data_dir, DEMO_BRAINS, DEMO_SEED)
+    elif os.path.isfile(data_dir):
+        raise util.UserError(f"DATA_DIR {data_dir} is a file, not a folder of slices; NIfTI volumes convert to one "
+                             f"with python dataset.py --NIFTI_FILES={data_dir} --NIFTI_SPLIT=test "
+                             f"--NIFTI_OUT_DIR=my_scans\n{EXPECTED_LAYOUT}")
     elif not os.path.isdir(data_dir):
         raise util.UserError(f"DATA_DIR {data_dir} does not exist;\n{EXPECTED_LAYOUT}")
     return data_dir

@@ -54,18 +54,22 @@ VISUALIZE_DIR = "visualize"
 NUM_Z = dataset.SLICES_PER_BRAIN
 
 
-def match_intensity(volumes, reference):
+def match_intensity(volumes, reference, brain_ids):
     """`volumes` (V, Z, 1, H, W) in [-1, 1] with each volume's brain (every pixel above the
     background's -1, however dark: a threshold would drop a darker scanner's faint pixels and
     shift every quantile) given the intensity distribution of the brains in `reference` (any
     shape): every brain value goes to the reference quantile of its own quantile in its volume,
-    so order is kept and only the scale changes. The background stays."""
+    so order is kept and only the scale changes. The background stays. A volume without brain
+    (all background) is refused, named by its id in `brain_ids`."""
     levels = np.linspace(0, 1, 1001)
     reference = reference.numpy()
     target = np.quantile(reference[reference > -1], levels)
     matched = volumes.clone()
-    for volume in matched:
+    for volume, brain_id in zip(matched, brain_ids):
         brain = volume > -1
+        if not brain.any():
+            raise util.UserError(f"brain {brain_id} of DATA_DIR {DATA_DIR} is all background (every pixel at the "
+                                 f"lowest grey level): an empty scan, or one that failed to convert")
         values = volume[brain].numpy()
         volume[brain] = torch.from_numpy(np.interp(values, np.quantile(values, levels), target)).to(volume.dtype)
     return matched
@@ -102,8 +106,8 @@ if __name__ == "__main__":
     critic, home_dir, img_size = load_first_stage_critic(config, CKPT_DIR, device)
     scans = dataset.OasisSlices(SPLIT, DATA_DIR, img_size)
     train, test = (dataset.OasisSlices(split, home_dir, img_size).volumes() for split in ("train", "test"))
-    volumes = match_intensity(scans.volumes(), train) if MATCH_INTENSITY else scans.volumes()
     brains = np.unique(scans.brains)
+    volumes = match_intensity(scans.volumes(), train, brains) if MATCH_INTENSITY else scans.volumes()
     with torch.no_grad():
         reconstructions = torch.stack([first_stage.reconstruct(volume.to(device), torch.arange(NUM_Z, device=device))[0]
                                        .float().cpu() for volume in volumes])
