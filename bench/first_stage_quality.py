@@ -2,7 +2,7 @@
 as `make` does (runs named bench_vqvae / bench_vae; earlier ones are deleted) and
 prints test SSIM, codebook usage on the test split, training images/s and wall time.
 
-    .venv/bin/python bench/first_stage_quality.py
+    .venv/bin/python bench/first_stage_quality.py [--MODES="('VQVAE',)"]
 """
 import glob
 import json
@@ -12,16 +12,28 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import util  # noqa: E402
+
+# ----------------------------------------------------------------------------- config
+MODES = ("VQVAE", "VAE")     # the first stages to train, each with the preset `make` trains it with
+PRESETS = {"VQVAE": [], "VAE": ["config/pre_train_vae.py"]}
 
 if __name__ == "__main__":
+    util.apply_overrides(globals())
+    unknown = [mode for mode in MODES if mode not in PRESETS]
+    if unknown:
+        raise util.UserError(f"MODES: unknown {unknown}; expected some of {tuple(PRESETS)}")
     rows = []
-    for mode, preset in (("VQVAE", []), ("VAE", ["config/pre_train_vae.py"])):   # as `make` trains them
+    for mode in MODES:
+        preset = PRESETS[mode]
         run = f"bench_{mode.lower()}"
         for path in glob.glob(os.path.join(ROOT, "model_ckpt", f"{run}_*.pt")):
             os.remove(path)
         start = time.time()
-        subprocess.run([sys.executable, "pre_train.py", *preset, f"--MODE={mode}", f"--RUN_NAME={run}"],
-                       cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
+        if subprocess.run([sys.executable, "pre_train.py", *preset, f"--MODE={mode}", f"--RUN_NAME={run}"],
+                          cwd=ROOT).returncode:
+            raise SystemExit(f"pre_train.py --MODE={mode} failed (its message is above)")
         wall = time.time() - start
         with open(os.path.join(ROOT, "log", f"{run}_summary.json")) as f:
             summary = json.load(f)

@@ -4,7 +4,8 @@
     python bench/first_stage_speed.py config/first_stage_speed_gpu.py     # 256x256 on a GPU
 
 Every contestant goes through the same training loop (L1 + VQ loss + hinge GAN with a fixed
-weight), data, batch, image size, 16x16 latent grid and codebook (256 x 8), and sees the same
+weight), data, batch, image size, latent grid (16x16 in both presets; contestants of different
+grids are refused) and codebook (256 x 8), and sees the same
 inputs: the slice index z reaches ours through its embeddings (encoder, decoder, PatchGAN) and
 MONAI's, which has no conditioning, through an extra input channel of the encoder and the
 discriminator holding z / 31; each model also runs without z. Each gets its own learning rate:
@@ -14,7 +15,8 @@ trains a fresh, seeded model for its budget. Prints training images/s and test S
 BUDGET_SECONDS, and the share of the CPU's measured peak matmul FLOP/s that our training step
 reaches (FLOPs counted by torch.utils.flop_counter). On a GPU every contestant trains under bf16
 autocast with fused Adam (as pre_train.py does there), the clock stops only after the queued
-kernels finish, and the GPU's utilisation (NVML, sampled every step) is printed too; a "CUDA
+kernels finish, and the GPU's utilisation (NVML, sampled every step, where the nvidia-ml-py
+package is installed) is printed too; a "CUDA
 graph" contestant replays its whole training step as one graph there (util.CudaGraphStep, as
 pre_train.py does; its eager warm-up steps and capture count inside its budget; on a CPU it runs
 eagerly). monai is a bench-only dependency (requirements-dev.txt).
@@ -43,7 +45,9 @@ from module import GroupNorm  # noqa: E402
 FIRST_STAGE_PRESET = "config/pre_train_grid16.py"   # a config/pre_train*.py file for our contestant ("" =
                              # pre_train.py's CPU preset); its IMG_SIZE is everyone's image size. The race is on
                              # a 16x16 grid, so the default is the CPU preset's 16x16 variant
-CONTESTANT_NAMES = ()        # which of CONTESTANTS run (() = all)
+CONTESTANT_NAMES = ("ours, z", "ours, no z", "MONAI, z channel", "MONAI, no z", "MONAI lean, z channel")
+                             # which of CONTESTANTS run (() = all): the README's five; the others probe the GPU step
+                             # (config/first_stage_speed_gpu.py), the 4x4-patch ones at 256x256 only
 MONAI_CHANNELS = (56, 112)   # MONAI VQVAE's channels per stride-2 level: (56, 112) matches config/pre_train_grid16.py's size
 MONAI_RES_LAYERS = 1
 MONAI_DISC_CHANNELS = 32
@@ -73,7 +77,7 @@ class MonaiPair:
 
     def __init__(self, channels, z_channel, cuda_graph=False):
         from monai.networks.nets import VQVAE, PatchDiscriminator as MonaiDiscriminator
-        self.z_channel, self.cuda_graph = z_channel, cuda_graph
+        self.z_channel, self.cuda_graph, self.levels = z_channel, cuda_graph, len(channels)
         inputs = 2 if z_channel else 1
         self.model = VQVAE(spatial_dims=2, in_channels=inputs, out_channels=1, channels=channels,
                            num_res_channels=channels, num_res_layers=MONAI_RES_LAYERS,
@@ -94,6 +98,9 @@ class MonaiPair:
 
     def judge(self, images, zs):
         return self.discriminator(self._with_z(images, zs))[-1]
+
+    def latent_grid(self, img_size):
+        return img_size // 2 ** self.levels       # one stride-2 level per entry of its channels
 
 
 class OurPair:
@@ -133,6 +140,9 @@ class OurPair:
 
     def judge(self, images, zs):
         return self.train_discriminator(images.contiguous(memory_format=self.memory_format), zs)
+
+    def latent_grid(self, img_size):
+        return self.model.latent_shape(img_size)[-1]
 
 
 CONTESTANTS = {
@@ -207,9 +217,35 @@ def make_training_step(pair, optimizers, device):
                                      pair.cuda_graph and device.type == "cuda")
 
 
-def timed_training(name, lr, train_loader, budget, device):
+def gpu_utilisation(device):
+    """A function returning the GPU's utilisation in %, or None on the CPU or where NVML (the
+    nvidia-ml-py package, which torch does not install) is missing: the bench runs without it."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.utilization(device)
+    except (ImportError, RuntimeError) as error:
+        print(f"GPU utilisation not sampled ({error.__class__.__name__}: {error}); pip install nvidia-ml-py for it")
+        return None
+    return functools.partial(torch.cuda.utilization, device)
+
+
+def check_one_grid(names, img_size):
+    """The latent grid every contestant in `names` encodes img_size x img_size slices to; a race
+    on different grids would compare different compressions, so another grid is refused."""
+    grids = {name: CONTESTANTS[name]().latent_grid(img_size) for name in names}
+    if len(set(grids.values())) > 1:
+        raise util.UserError(f"CONTESTANT_NAMES: their latent grids at {img_size}x{img_size} differ ("
+                             + "; ".join(f"{name!r} {grid}x{grid}" for name, grid in grids.items())
+                             + "); race contestants of one grid (the 4x4-patch ones are for 256x256, "
+                               "config/first_stage_speed_gpu.py)")
+    return next(iter(grids.values()))
+
+
+def timed_training(name, lr, train_loader, budget, device, utilisation_now):
     """Warm up on a throwaway pair, then train a fresh seeded one for `budget` seconds: (pair,
-    optimizers, its training step, training images/s, mean GPU utilisation in % or None on the CPU)."""
+    optimizers, its training step, training images/s, mean GPU utilisation in % or None without
+    `utilisation_now`, gpu_utilisation's function)."""
     warmup_start = time.time()
     throwaway = make_pair(name, device)
     run_step = make_training_step(throwaway, make_optimizers(throwaway, lr, device), device)
@@ -229,8 +265,8 @@ def timed_training(name, lr, train_loader, budget, device):
             images, zs = images.to(device, non_blocking=True), zs.to(device, non_blocking=True)
             run_step(images, zs)
             images_seen += len(images)
-            if device.type == "cuda":
-                utilisation.append(torch.cuda.utilization(device))
+            if utilisation_now is not None:
+                utilisation.append(utilisation_now())
             if time.time() - start >= budget:
                 break
         epoch += 1
@@ -279,26 +315,28 @@ if __name__ == "__main__":
     unknown = [name for name in CONTESTANT_NAMES if name not in CONTESTANTS]
     if unknown:
         raise util.UserError(f"CONTESTANT_NAMES: unknown {unknown}; expected names of {list(CONTESTANTS)}")
+    img_size = pre_train.IMG_SIZE
+    grid = check_one_grid(CONTESTANT_NAMES or CONTESTANTS, img_size)
     device = util.get_device()
     torch.set_num_threads(THREADS)
-    img_size = pre_train.IMG_SIZE
+    utilisation_now = gpu_utilisation(device)
     train_loader = dataset.get_dataloader("train", BATCH_SIZE, None, img_size, seed=SEED, num_workers=LOADER_WORKERS)
     validate_loader = dataset.get_dataloader("validate", 64, None, img_size)
     test_loader = dataset.get_dataloader("test", 64, None, img_size)
     results = {}
     for name in CONTESTANT_NAMES or CONTESTANTS:
         tuning = {}
-        if len(LEARNING_RATES) > 1:
-            for lr in LEARNING_RATES:
-                pair = timed_training(name, lr, train_loader, TUNE_SECONDS, device)[0]
-                tuning[lr] = mean_ssim(pair, validate_loader, device)
-            print(f"{name}: validation SSIM after {TUNE_SECONDS:.0f} s at each learning rate: "
-                  + ", ".join(f"{lr:g} {ssim:.4f}" for lr, ssim in tuning.items()), flush=True)
-        lr = max(tuning, key=tuning.get) if tuning else LEARNING_RATES[0]
-        try:
+        try:     # a probe that fails (compiling, capturing, memory) says why, and the others still run
+            if len(LEARNING_RATES) > 1:
+                for lr in LEARNING_RATES:
+                    pair = timed_training(name, lr, train_loader, TUNE_SECONDS, device, utilisation_now)[0]
+                    tuning[lr] = mean_ssim(pair, validate_loader, device)
+                print(f"{name}: validation SSIM after {TUNE_SECONDS:.0f} s at each learning rate: "
+                      + ", ".join(f"{lr:g} {ssim:.4f}" for lr, ssim in tuning.items()), flush=True)
+            lr = max(tuning, key=tuning.get) if tuning else LEARNING_RATES[0]
             pair, optimizers, run_step, images_per_second, utilisation = timed_training(
-                name, lr, train_loader, BUDGET_SECONDS, device)
-        except RuntimeError as error:     # a probe that fails says why, and the others still run
+                name, lr, train_loader, BUDGET_SECONDS, device, utilisation_now)
+        except RuntimeError as error:
             print(f"{name}: failed: {error}", flush=True)
             continue
         params = [sum(p.numel() for p in module.parameters()) for module in (pair.model, pair.discriminator)]
@@ -312,7 +350,7 @@ if __name__ == "__main__":
 
     where = torch.cuda.get_device_name(device) + ", bf16 autocast, fused Adam" if device.type == "cuda" \
         else f"CPU, {THREADS} threads"
-    print(f"\nsame loop, data, batch {BATCH_SIZE}, {img_size}x{img_size}, 16x16 latents, "
+    print(f"\nsame loop, data, batch {BATCH_SIZE}, {img_size}x{img_size}, {grid}x{grid} latents, "
           f"256 x 8 codebook, {BUDGET_SECONDS:.0f} s of training each after {WARMUP_STEPS} warm-up steps, "
           + (f"learning rate picked on validate from {LEARNING_RATES} after {TUNE_SECONDS:.0f} s each, "
              if len(LEARNING_RATES) > 1 else f"learning rate {LEARNING_RATES[0]:g}, ") + where)

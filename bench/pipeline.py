@@ -3,7 +3,7 @@
 times beside the test figures of the summaries each stage wrote (log/*_summary.json), and the
 realism tables it wrote (log/*_realism.json), as predict.py prints them.
 
-    .venv/bin/python bench/pipeline.py                  # `make`: the CPU presets, demo brains (~18 min on 2 cores)
+    .venv/bin/python bench/pipeline.py                  # `make`: the CPU presets, demo brains (22-64 min on 2 cores)
     .venv/bin/python bench/pipeline.py --TARGET=gpu     # `make gpu`: the GPU presets at 256x256
     python3 bench/pipeline.py --TARGET=gpu --MAKE_ARGUMENTS='("PY=python3", "-o", ".venv/.runtime-installed")'
                                                         # a machine whose python3 has the packages, no .venv
