@@ -280,7 +280,9 @@ def check_finite(values, step, last_path, advice):
 
 class StepValues:
     """Each training step's logged values (loss tensors and plain numbers), checked for NaN
-    (check_finite) and written to `log` (None: not the main process). On a GPU the tensors are
+    (check_finite) and written to `log` (None: not the main process). Under torchrun the tensors
+    are averaged over the processes first, so the log holds the loss DDP optimises (the mean of
+    every process's batch) and a NaN in any process stops them all. On a GPU the tensors are
     fetched in one transfer every `CUDA_FETCH_EVERY` steps, as a .item() per value and step would
     make the CPU wait for the GPU each step; on the CPU every step, at no cost. Call flush() at
     the end of each epoch, before its checkpoint is written."""
@@ -305,7 +307,12 @@ class StepValues:
 
     def flush(self):
         stacked = [entry[3] for entry in self.pending if entry[3] is not None]
-        fetched = iter(torch.cat(stacked).tolist() if stacked else [])
+        fetched = torch.cat(stacked) if stacked else torch.zeros(0)
+        world_size, _ = world_size_and_rank()
+        if world_size > 1 and stacked:     # every process flushes at the same steps (gloo has no AVG)
+            torch.distributed.all_reduce(fetched)
+            fetched /= world_size
+        fetched = iter(fetched.tolist())
         for step, values, names, _ in self.pending:
             values.update((name, next(fetched)) for name in names)
             check_finite(values, step, self.last_path, self.advice)
