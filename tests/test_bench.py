@@ -1,8 +1,12 @@
 """bench/pipeline.py on a stand-in Makefile: stages timed in the Makefile's order, each beside the
 test figures of the summaries it wrote, realism tables printed, a failing stage named."""
+import glob
 import os
+import signal
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,3 +87,25 @@ def test_scan_frame_lays_a_scored_brain_over_its_own_scan_not_the_template(tmp_p
     brain, name, own, template, flipped = result.stdout.splitlines()[-1].split()
     assert (brain, name) == ("1", "moved.nii.gz")
     assert float(own) > 0.9 and float(template) < float(own) - 0.03 and float(flipped) < float(own) - 0.03
+
+
+@pytest.mark.parametrize("script", sorted(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "bench", "*.py"))))
+def test_every_bench_script_answers_help_and_runs_nothing(script):
+    """`--help` lists the constants and exits: first_stage_quality.py once took it for nothing
+    and began deleting and retraining its runs."""
+    process = subprocess.Popen([sys.executable, f"bench/{script}", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)     # and whatever it started
+        raise AssertionError(f"bench/{script} --help still running after 120 s")
+    assert process.returncode == 0 and "constants (--NAME=value" in stdout, stderr[-2000:]
+
+
+def test_speed_race_refuses_contestants_of_other_latent_grids():
+    result = subprocess.run([sys.executable, "bench/first_stage_speed.py",
+                             "--CONTESTANT_NAMES=('ours, z', 'ours, z, 4x4 patches')"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "latent grids at 64x64 differ ('ours, z' 16x16; 'ours, z, 4x4 patches' 4x4)" in result.stderr

@@ -15,7 +15,7 @@ import dataset
 import realism
 import util
 from conftest import assert_within_eager_spread
-from logger import read_log
+from logger import PANELS, read_log
 from model_discriminator import build_discriminator
 from model_VAE import build_model
 from module import code_counts_per_position
@@ -269,3 +269,4 @@ def test_generator_loss_is_the_sum_of_its_terms(demo_dir, mode, monkeypatch):
     assert min(regulariser_term.item(), abs(gan_term.item()), detail_term) > 0.01 * rec_loss.item()
     assert total.item() == pytest.approx((rec_loss + regulariser_term + gan_term).item() + detail_term, rel=1e-5)
     assert losses["rec_loss"].item() == pytest.approx(rec_loss.item(), rel=1e-5)
+    assert set(losses) <= {name for names in PANELS.values() for name in names}     # every logged term is plotted

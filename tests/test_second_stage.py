@@ -508,19 +508,21 @@ def test_missing_latents_name_the_file_and_the_fix(tmp_path):
 
 
 def test_diffusion_training_improves_and_predict_pictures_everything(first_stage_dir, demo_dir):
-    run_script("stable_diffusion.py", second_stage_args(first_stage_dir, "--EPOCHS=6", *TINY_DIFFUSION))
+    # snap temperatures above 0 only: the GIF below must end on the volume scored, whose codes were drawn
+    run_script("stable_diffusion.py", second_stage_args(first_stage_dir, "--EPOCHS=6", *TINY_DIFFUSION,
+                                                        "--SNAP_TEMPERATURES=(1.0, 2.0)"))
     log = read_log(str(first_stage_dir / "log" / "vqvae_diffusion.log"))
     val = log["val_loss"][1]
     assert len(val) == 6 and val[-1] < 0.9 * val[0]
     run_script("train_viT.py", second_stage_args(first_stage_dir, "--EPOCHS=1", *default_precision(TINY_PRIOR)))
     assert_bf16_by_default(first_stage_dir / "log" / "vqvae_prior_summary.json")
     # each sampler's setting was chosen on validate: the best mean rank over the searched ones
-    for run, setting, options in (("prior", "sampling", 4), ("diffusion", "sampling", 3 * 4)):
+    for run, setting, options in (("prior", "sampling", 4), ("diffusion", "sampling", 3 * 2)):
         summary = json.loads((first_stage_dir / "log" / f"vqvae_{run}_summary.json").read_text())
         search = summary[f"{setting}_search"]
         assert len(search) == options and min(search, key=lambda row: row["mean_rank"])["setting"] == summary[setting]
         assert util.load_checkpoint(str(first_stage_dir / "ckpt" / f"vqvae_{run}_best.pt"))[setting] == summary[setting]
-    run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--GIF_EVERY=10",
+    run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--GIF_FRAMES=10",
                                                f"--VOLUMES_DIR={first_stage_dir / 'generated'}"))
     results = json.loads((first_stage_dir / "log" / "vqvae_predict.json").read_text())
     assert 0 < results["ssim"] <= 1 and 0 < results["codebook_usage"] <= 1
@@ -558,9 +560,11 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     gif_path = first_stage_dir / "visualize" / "vqvae_denoising.gif"
     frames = iio.imread(str(gif_path), index=None)
     assert frames.shape[:3] == (11, 4 * 34 + 2, 8 * 34 + 2)    # noise + every 10th of 100 states; 4 x 8 grid
+    with Image.open(first_stage_dir / "visualize" / "vqvae_generated_diffusion_ddpm100.png") as generated:
+        assert np.array_equal(frames[-1][..., 0], np.asarray(generated))    # ends on the volume scored
     with Image.open(gif_path) as gif:
         durations = [frame.info["duration"] for frame in ImageSequence.Iterator(gif)]
-    assert durations[0] == 30 and durations[-1] == 1000    # 30 fps (GIF keeps centiseconds), last held 1 s
+    assert durations[0] == 40 and durations[-1] == 1000    # 25 fps (GIF keeps centiseconds), last held 1 s
     pictures = os.listdir(first_stage_dir / "visualize")
     for name in ("codebook_usage", "latents_tsne", "generated_prior", "generated_diffusion_ddpm100",
                  "realism_sources", "validate_blurred"):
@@ -635,7 +639,7 @@ def test_torchrun_two_processes(first_stage_dir, tmp_path, script, extra):
                                                          ("stable_diffusion.py", TINY_DIFFUSION, "vqvae_diffusion",
                                                           ("model", "ema_model"))])
 def test_cuda_graph_steps_train_as_eager_steps_do(first_stage_dir, tmp_path, script, extra, run, weights):
-    """With CUDA_GRAPHS on a GPU the steps are replayed as a CUDA graph from the 5th: the same
+    """With CUDA_GRAPHS on a GPU the steps are replayed as a CUDA graph from the 4th: the same
     training as eager steps (the diffusion's timesteps, noise and dropped z drawn alike), within
     the spread of two eager runs."""
     for name, graphs in (("graphed", True), ("eager", False), ("eager_again", False)):
@@ -655,7 +659,9 @@ def test_intensity_matching_undoes_a_scanners_intensity_curve(first_stage_dir, d
     import score_scans
     volume = dataset.OasisSlices("test", demo_dir, 32).volumes()
     curve = lambda x: 2 * (0.6 * ((x + 1) / 2) ** 1.6) - 1      # noqa: E731 (on [-1, 1], background kept)
-    assert (score_scans.match_intensity(curve(volume), volume) - volume).abs().max() < 1e-3
+    assert (score_scans.match_intensity(curve(volume), volume, [1]) - volume).abs().max() < 1e-3
+    with pytest.raises(util.UserError, match="brain 7 of DATA_DIR .* is all background"):
+        score_scans.match_intensity(torch.cat([volume, torch.full_like(volume, -1)]), volume, [6, 7])
     scanner = tmp_path / "scanner" / "keras_png_slices_test"
     scanner.mkdir(parents=True)
     lookup = np.round(255 * 0.6 * (np.arange(256) / 255) ** 1.6).astype(np.uint8)
@@ -678,8 +684,13 @@ def test_vae_pipeline_diffuses_posterior_means_and_predicts(first_stage_dir):
     assert_bf16_by_default(first_stage_dir / "log" / "vae_diffusion_summary.json")
     checkpoint = util.load_checkpoint(str(first_stage_dir / "ckpt" / "vae_diffusion_best.pt"))
     assert checkpoint["stats"]["latent_shape"] == (4, 8, 8)       # the means, not mean and log-variance
-    run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--FIRST_STAGE=vae",
-                                               "--GIF_EVERY=50"))
+    from sklearn.manifold import TSNE
+    fit_transform, embedded = TSNE.fit_transform, []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TSNE, "fit_transform", lambda self, x: embedded.append(x.shape) or fit_transform(self, x))
+        run_script("predict.py", second_stage_args(first_stage_dir, *TINY_PREDICT, "--FIRST_STAGE=vae",
+                                                   "--GIF_FRAMES=2"))
+    assert embedded == [(32, 4 * 8 * 8)]      # the t-SNE of the test brain's 32 posterior means
     results = json.loads((first_stage_dir / "log" / "vae_predict.json").read_text())
     assert "codebook_usage" not in results and 0 < results["ssim"] <= 1
     realism = json.loads((first_stage_dir / "log" / "vae_realism.json").read_text())

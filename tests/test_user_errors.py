@@ -136,6 +136,16 @@ def test_missing_data_folder(tmp_path):
     returncode, _, stderr = run_script("dataset.py", f"--DATA_DIR={tmp_path}/nowhere")
     assert returncode == 1 and "Traceback" not in stderr
     assert stderr.startswith(f"DATA_DIR {tmp_path}/nowhere does not exist;\nexpected the OASIS 2-D slice layout")
+    (tmp_path / "scan.nii.gz").write_bytes(b"")
+    returncode, _, stderr = run_script("dataset.py", f"--DATA_DIR={tmp_path}/scan.nii.gz")
+    assert returncode == 1 and "Traceback" not in stderr
+    assert stderr.startswith(f"DATA_DIR {tmp_path}/scan.nii.gz is a file, not a folder of slices; NIfTI volumes "
+                             f"convert to one with python dataset.py --NIFTI_FILES={tmp_path}/scan.nii.gz")
+
+
+def test_smoothing_window_of_zero(tmp_path):
+    returncode, _, stderr = run_script("logger.py", "--SMOOTHING=0", cwd=tmp_path)
+    assert_one_sentence(returncode, stderr, "SMOOTHING must be a positive integer, got 0")
 
 
 def test_checkpoint_from_another_config_is_refused_without_traceback(demo_dir, tmp_path):

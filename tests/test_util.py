@@ -363,6 +363,35 @@ def test_torchrun_processes_draw_their_own_random_numbers_from_models_alike(tmp_
     assert "main draws as one process: True\nprocesses draw alike: False\nmodels alike: True" in result.stdout
 
 
+PROCESS_LOSSES = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import util
+from logger import TrainingLog, read_log
+util.setup_distributed()
+rank = torch.distributed.get_rank()
+log = TrainingLog({log!r}) if rank == 0 else None
+torch.distributed.barrier()
+values = util.StepValues(log, "cpu", "last.pt", "")
+for step in range(3):
+    values.add(step, {{"train_loss": torch.tensor(step + 10.0 * rank), "lr": 0.5}})
+values.flush()
+torch.distributed.barrier()
+if rank == 0:
+    log.close()
+    series = read_log({log!r})
+    print("logged", series["train_loss"][1].tolist(), series["lr"][1].tolist())
+"""
+
+
+def test_torchrun_logs_the_mean_over_processes_of_each_step(tmp_path):
+    """The loss DDP optimises is the mean of the processes' batch losses: the log holds it, not
+    the main process's share alone (plain numbers such as the learning rate stay as they are)."""
+    source = PROCESS_LOSSES.replace("{log!r}", repr(str(tmp_path / "run.log")))
+    result = run_two_cpu_processes(tmp_path / "losses.py", source)
+    assert "logged [5.0, 6.0, 7.0] [0.5, 0.5, 0.5]" in result.stdout
+
+
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(monkeypatch):
     """A one-GPU machine asked for two processes: rank 1 would die with "invalid device ordinal"."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
