@@ -252,6 +252,25 @@ MUTATIONS = [
     # a search too small for the Frechet distance ranking without it, unannounced
     ("search_drops_figures_silently", "realism.py", "    if len(metrics) < len(SELECTION_METRICS):\n",
      "    if False:\n", ["tests/test_realism.py::test_choose_setting_says_which_figures_too_few_volumes_cannot_rank"]),
+    # the denoising GIF ending on a fresh decode of the last state, not the volume scored
+    ("gif_ends_on_a_fresh_decode", "predict.py",
+     "for state in states[:-1]] + [util.image_grid(sampled)])", "for state in states])",
+     [SECOND_STAGE + "test_diffusion_training_improves_and_predict_pictures_everything"]),
+    # the VAE's t-SNE fed log-variances beside the means
+    ("tsne_of_means_and_log_variances", "predict.py", "plot_tsne(diffusion_latents(collected),",
+     'plot_tsne(collected["latents"],', [SECOND_STAGE + "test_vae_pipeline_diffuses_posterior_means_and_predicts"]),
+    # the KL weight (~1e-6) back on the adaptive GAN weight's axis, a flat line at 0; the detail loss unplotted
+    ("kl_weight_on_the_gan_weights_axis", "logger.py",
+     '    "adaptive GAN weight": ("adaptive_weight",),\n    "KL weight (cyclical annealing)": ("kl_weight",),\n',
+     '    "balancing weights": ("adaptive_weight", "kl_weight"),\n', ["tests/test_logger.py"]),
+    ("detail_loss_unplotted", "logger.py", '"reconstruction": ("rec_loss", "detail_loss"),',
+     '"reconstruction": ("rec_loss",),', [PRE_TRAIN + "test_generator_loss_is_the_sum_of_its_terms"]),
+    # torchrun logging the main process's share of the batch, not the loss DDP optimises
+    ("torchrun_logs_the_main_share", "util.py", "if world_size > 1 and stacked:", "if False:",
+     ["tests/test_util.py::test_torchrun_logs_the_mean_over_processes_of_each_step"]),
+    # an all-background brain reaching numpy's quantiles of nothing
+    ("empty_brain_unnamed", "score_scans.py", "        if not brain.any():\n", "        if False:\n",
+     [SECOND_STAGE + "test_intensity_matching_undoes_a_scanners_intensity_curve"]),
 ]
 
 
