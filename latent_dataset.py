@@ -7,10 +7,12 @@ latents, with their slice index z, for the transformer prior and the latent diff
 Each split is one file: {"latents": (N, C, h, w) float32 (VQVAE: pre-quantisation latents;
 VAE: mean and log-variance stacked on channels), "indices": (N, h, w) VQ codes or None,
 "z": (N,), "brain": (N,), "config": the first stage's config with the DATA_DIR encoded,
-"checkpoint": its path}. The train split alone sets the second stage's normalisation; validate
+"checkpoint": its path, "first_stage_weights": a hash of its weights}. The second stages keep that
+hash and refuse to resume, or to be sampled, on the latents of a first stage retrained since. The train split alone sets the second stage's normalisation; validate
 picks its best epoch; test is touched once at the end (the original trained its second stage on
 the test split).
 """
+import hashlib
 import os
 
 import torch
@@ -42,6 +44,26 @@ def load_latents(latent_dir, run, split):
     return util.load_checkpoint(path)
 
 
+def weights_fingerprint(module):
+    """A short hash of a module's weights (its state_dict): which version of a model encoded what."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_first_stage(checkpoint, latents, path):
+    """Refuse a second stage's checkpoint (`path`) trained on the latents of another version of
+    the first stage than `latents`: retrained or trained on since, its codes mean other things.
+    Files from before the hash was kept are let through."""
+    trained_on, now = checkpoint.get("first_stage_weights"), latents.get("first_stage_weights")
+    if trained_on is not None and now is not None and trained_on != now:
+        raise util.UserError(f"{path} was trained on the latents of another version of {latents['checkpoint']} "
+                             f"(weights {trained_on}; now {now}): the first stage was retrained or trained on since. "
+                             f"Move that run's checkpoints aside to train the second stage afresh on the new latents")
+
+
 @torch.no_grad()
 def collect(model, loader, device):
     """Latents, code indices (VQVAE), z and brain of every slice `loader` yields, in order."""
@@ -71,7 +93,8 @@ if __name__ == "__main__":
         loader = dataset.get_dataloader(split, BATCH_SIZE, data_dir, first_stage_config["IMG_SIZE"], shuffle=False)
         collected = collect(model, loader, device)
         # the data encoded, for the second stage's searches and predict.py to score against
-        collected.update(config=first_stage_config | {"DATA_DIR": data_dir}, checkpoint=checkpoint_path)
+        collected.update(config=first_stage_config | {"DATA_DIR": data_dir}, checkpoint=checkpoint_path,
+                         first_stage_weights=weights_fingerprint(model))
         util.save_checkpoint(collected, latent_path(LATENT_DIR, FIRST_STAGE, split))
         print(f"{split}: {len(collected['z'])} slices -> {latent_path(LATENT_DIR, FIRST_STAGE, split)}, "
               f"latents {tuple(collected['latents'].shape[1:])}")

@@ -30,7 +30,7 @@ import torch
 import dataset
 import realism
 import util
-from latent_dataset import load_latents
+from latent_dataset import check_same_first_stage, load_latents
 from model_critic import load_first_stage_critic
 from model_diffusion import decode_latents, diffusion_latents, load_diffusion
 from model_diffusion import sample_volumes as diffusion_volumes
@@ -206,6 +206,7 @@ if __name__ == "__main__":
         prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
         if os.path.isfile(prior_path):
             prior, checkpoint = load_prior(prior_path, device)
+            check_same_first_stage(checkpoint, collected, prior_path)
             if set(checkpoint.get("sampling", ())) != set(SAMPLING_KEYS):
                 raise util.UserError(f"{prior_path} has no sampling settings {SAMPLING_KEYS} (train_viT.py chooses "
                                      f"them when it finishes; an older version chose others); re-run train_viT.py: "
@@ -214,6 +215,7 @@ if __name__ == "__main__":
         diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
         if os.path.isfile(diffusion_path):
             unet, diffusion, checkpoint = load_diffusion(diffusion_path, device)
+            check_same_first_stage(checkpoint, collected, diffusion_path)
             stats = checkpoint["stats"]
             if "sampling" not in checkpoint:
                 raise util.UserError(f"{diffusion_path} has no sampling settings (stable_diffusion.py chooses its "

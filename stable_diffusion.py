@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import realism
 import util
-from latent_dataset import load_latents
+from latent_dataset import check_same_first_stage, load_latents
 from logger import TrainingLog
 from model_diffusion import (LatentUNet, build_diffusion, decode_latents, diffusion_latents, sample_latents,
                              sample_volumes, unet_args)
@@ -167,6 +167,7 @@ if __name__ == "__main__":
     checkpoint = util.resume(last_path, config, SHAPE_KEYS,
                              {"model": unet, "ema_model": ema_unet, "optimizer": optimizer}, verbose=is_main)
     if checkpoint:
+        check_same_first_stage(checkpoint, train, last_path)
         start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
         train_seconds = checkpoint["train_seconds"]
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
@@ -214,7 +215,8 @@ if __name__ == "__main__":
                           "ema_model": ema_unet.state_dict(), "optimizer": optimizer.state_dict(),
                           "stats": stats,
                           "epoch": epoch + 1, "step": step, "best_val_loss": best_val_loss,
-                          "train_seconds": train_seconds, **rng_states}
+                          "train_seconds": train_seconds, "first_stage_weights": train.get("first_stage_weights"),
+                          **rng_states}
             util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val loss {val_loss:.4f}, "
                   f"{span_latents / (time.time() - span_start):.1f} latents/s" + (" (best)" if improved else ""))

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import realism
 import util
-from latent_dataset import load_latents
+from latent_dataset import check_same_first_stage, load_latents
 from logger import TrainingLog
 from model_prior import SAMPLING_KEYS, CodePrior, prior_args, sample_volumes
 from model_VAE import load_first_stage
@@ -143,6 +143,7 @@ if __name__ == "__main__":
     start_epoch, step, best_val_loss, train_seconds = 0, 0, math.inf, 0.0
     checkpoint = util.resume(last_path, config, SHAPE_KEYS, {"model": prior, "optimizer": optimizer}, verbose=is_main)
     if checkpoint:
+        check_same_first_stage(checkpoint, train, last_path)
         start_epoch, step, best_val_loss = checkpoint["epoch"], checkpoint["step"], checkpoint["best_val_loss"]
         train_seconds = checkpoint["train_seconds"]
     log = TrainingLog(os.path.join(LOG_DIR, f"{run_name}.log"), resume_step=step if start_epoch else None) \
@@ -185,7 +186,8 @@ if __name__ == "__main__":
         if is_main:
             checkpoint = {"config": config, "model_args": model_args, "model": prior.state_dict(),
                           "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
-                          "best_val_loss": best_val_loss, "train_seconds": train_seconds, **rng_states}
+                          "best_val_loss": best_val_loss, "train_seconds": train_seconds,
+                          "first_stage_weights": train.get("first_stage_weights"), **rng_states}
             util.save_checkpoint(checkpoint, last_path, also=best_path if improved else None)
             print(f"epoch {epoch + 1}/{EPOCHS} step {step}: val {val_loss:.4f} nats/code, "
                   f"{len(train_loader) * BATCH_SIZE * world_size / epoch_seconds:.1f} slices/s"

@@ -271,6 +271,10 @@ MUTATIONS = [
     # an all-background brain reaching numpy's quantiles of nothing
     ("empty_brain_unnamed", "score_scans.py", "        if not brain.any():\n", "        if False:\n",
      [SECOND_STAGE + "test_intensity_matching_undoes_a_scanners_intensity_curve"]),
+    # a finished prior resumed, and sampled, on the codes of a first stage retrained since
+    ("second_stage_on_changed_codes", "latent_dataset.py", "now is not None and trained_on != now:",
+     "now is not None and False:",
+     [SECOND_STAGE + "test_second_stages_refuse_the_latents_of_a_first_stage_changed_since"]),
 ]
 
 

@@ -497,6 +497,30 @@ def test_prior_beats_the_code_histogram_reads_its_context_resumes_and_summarises
     assert first_row["true"] + 0.1 < first_row["no z"] < first_row["other z"] - 0.1
 
 
+def test_second_stages_refuse_the_latents_of_a_first_stage_changed_since(first_stage_dir, tmp_path):
+    """A prior trained on one version of the first stage's codes, resumed or sampled after the
+    first stage was trained on and its latents collected again, would read codes that mean other
+    things now: both are refused, naming the file."""
+    from latent_dataset import weights_fingerprint
+    from model_VAE import load_first_stage
+    latents = tmp_path / "latents"
+    shutil.copytree(first_stage_dir / "latents", latents)
+    collected = util.load_checkpoint(str(latents / "vqvae_train.pt"))
+    assert collected["first_stage_weights"] == weights_fingerprint(load_first_stage(collected["checkpoint"], "cpu")[0])
+    one_setting = ["--TOP_PS=(1.0,)", "--GUIDANCE_SCALES=(1.0,)"]      # no search: no critic needed here
+    arguments = second_stage_args(tmp_path, *TINY_PRIOR, *one_setting) + [f"--LATENT_DIR={latents}"]
+    run_script("train_viT.py", arguments + ["--EPOCHS=1"])
+    for critic in (first_stage_dir / "ckpt").glob("critic_*.pt"):     # predict.py's realism table needs it
+        shutil.copy(critic, tmp_path / "ckpt")
+    for split in ("train", "test"):       # what latent_dataset.py writes after the first stage changed
+        collected = util.load_checkpoint(str(latents / f"vqvae_{split}.pt"))
+        util.save_checkpoint(collected | {"first_stage_weights": "0123456789abcdef"}, str(latents / f"vqvae_{split}.pt"))
+    with pytest.raises(util.UserError, match="vqvae_prior_last.pt was trained on the latents of another version"):
+        run_script("train_viT.py", arguments + ["--EPOCHS=2"])
+    with pytest.raises(util.UserError, match="vqvae_prior_best.pt was trained on the latents of another version"):
+        run_script("predict.py", second_stage_args(tmp_path, *TINY_PREDICT) + [f"--LATENT_DIR={latents}"])
+
+
 def test_prior_refuses_vae_latents(first_stage_dir, tmp_path):
     with pytest.raises(SystemExit, match="holds VAE latents"):
         run_script("train_viT.py", second_stage_args(first_stage_dir, "--FIRST_STAGE=vae", f"--CKPT_DIR={tmp_path}"))
