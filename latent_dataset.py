@@ -7,10 +7,10 @@ latents, with their slice index z, for the transformer prior and the latent diff
 Each split is one file: {"latents": (N, C, h, w) float32 (VQVAE: pre-quantisation latents;
 VAE: mean and log-variance stacked on channels), "indices": (N, h, w) VQ codes or None,
 "z": (N,), "brain": (N,), "config": the first stage's config with the DATA_DIR encoded,
-"checkpoint": its path, "first_stage_weights": a hash of its weights}. The second stages keep that
-hash and refuse to resume, or to be sampled, on the latents of a first stage retrained since. The train split alone sets the second stage's normalisation; validate
-picks its best epoch; test is touched once at the end (the original trained its second stage on
-the test split).
+"checkpoint": its path, "first_stage_weights": a hash of its weights}. The second stages keep
+that hash and refuse to resume, or to be sampled, on the latents of a first stage retrained
+since. The train split alone sets the second stage's normalisation; validate picks its best
+epoch; test is touched once at the end (the original trained its second stage on the test split).
 """
 import hashlib
 import os

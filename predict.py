@@ -231,8 +231,8 @@ if __name__ == "__main__":
                 first volume's states (GIF_FRAMES of them after the noise) are kept for the GIF."""
                 latents, states = diffusion.sample_ddpm(unet, (len(z),) + tuple(stats["latent_shape"]), z,
                                                         x0_bound=stats["x0_bound"], noise_groups=VOLUMES,
-                                                        keep_every=max(1, DDPM_STEPS // GIF_FRAMES), progress=True, steps=DDPM_STEPS,
-                                                        guidance=guidance)
+                                                        keep_every=max(1, DDPM_STEPS // GIF_FRAMES), progress=True,
+                                                        steps=DDPM_STEPS, guidance=guidance)
                 gif_states.extend(state[:NUM_Z] for state in states)
                 return decode_latents(first_stage, latents, stats, z, snap_temperature, noise_groups=VOLUMES)
 

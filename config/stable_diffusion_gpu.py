@@ -9,4 +9,4 @@ BATCH_SIZE = 64
 EPOCHS = 100
 LR = 5e-4
 EVAL_EVERY = 5                   # validate + checkpoint every 5th epoch: each is ~0.5 s beside a ~1.1-s epoch
-SWEEP_VOLUMES = 8                # 256 slices: more than the GPU critic's 176 features, so the search ranks on the Frechet distance too
+SWEEP_VOLUMES = 8                # 256 slices, more than the GPU critic's 176 features: the search ranks on Frechet too

@@ -9,4 +9,4 @@ DROPOUT = 0.1                    # 8 layers of width 256 over 1,536 demo slices
 BATCH_SIZE = 64
 EPOCHS = 20
 LR = 6e-4
-SWEEP_VOLUMES = 8                # 256 slices: more than the GPU critic's 176 features, so the search ranks on the Frechet distance too
+SWEEP_VOLUMES = 8                # 256 slices, more than the GPU critic's 176 features: the search ranks on Frechet too
