@@ -162,6 +162,10 @@ if __name__ == "__main__":
     util.seed_everything(SEED)
     device = util.get_device()
     collected = load_latents(LATENT_DIR, FIRST_STAGE, SPLIT)
+    for second_stage in ("prior", "diffusion"):      # before any work: one trained on other codes is refused
+        path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_{second_stage}_best.pt")
+        if os.path.isfile(path):
+            check_same_first_stage(util.load_checkpoint(path), collected, path)
     first_stage, _ = load_first_stage(collected["checkpoint"], device)
     # the data the latents were collected from (latent_dataset.py's DATA_DIR), as the searches use
     critic, data_dir, img_size = load_first_stage_critic(collected["config"], CKPT_DIR, device)
@@ -206,7 +210,6 @@ if __name__ == "__main__":
         prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
         if os.path.isfile(prior_path):
             prior, checkpoint = load_prior(prior_path, device)
-            check_same_first_stage(checkpoint, collected, prior_path)
             if set(checkpoint.get("sampling", ())) != set(SAMPLING_KEYS):
                 raise util.UserError(f"{prior_path} has no sampling settings {SAMPLING_KEYS} (train_viT.py chooses "
                                      f"them when it finishes; an older version chose others); re-run train_viT.py: "
@@ -215,7 +218,6 @@ if __name__ == "__main__":
         diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
         if os.path.isfile(diffusion_path):
             unet, diffusion, checkpoint = load_diffusion(diffusion_path, device)
-            check_same_first_stage(checkpoint, collected, diffusion_path)
             stats = checkpoint["stats"]
             if "sampling" not in checkpoint:
                 raise util.UserError(f"{diffusion_path} has no sampling settings (stable_diffusion.py chooses its "

@@ -275,6 +275,9 @@ MUTATIONS = [
     ("second_stage_on_changed_codes", "latent_dataset.py", "now is not None and trained_on != now:",
      "now is not None and False:",
      [SECOND_STAGE + "test_second_stages_refuse_the_latents_of_a_first_stage_changed_since"]),
+    # a bench script that takes --help for nothing and starts deleting and retraining its runs
+    ("bench_ignores_help", "bench/first_stage_quality.py", "    util.apply_overrides(globals())\n", "",
+     ["tests/test_bench.py::test_every_bench_script_answers_help_and_runs_nothing"]),
 ]
 
 

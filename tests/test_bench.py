@@ -2,7 +2,8 @@
 test figures of the summaries it wrote, realism tables printed, a failing stage named."""
 import glob
 import os
-import signal
+import re
+import runpy
 import subprocess
 import sys
 
@@ -89,23 +90,30 @@ def test_scan_frame_lays_a_scored_brain_over_its_own_scan_not_the_template(tmp_p
     assert float(own) > 0.9 and float(template) < float(own) - 0.03 and float(flipped) < float(own) - 0.03
 
 
+def run_bench_here(script, argv, monkeypatch):
+    """bench/<script> run in this process (its imports are this process's already), with nothing
+    it could start: a subprocess it launched would fail the test at once."""
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"bench/{script} started {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))     # as python puts a script's folder first
+    runpy.run_path(os.path.join(ROOT, "bench", script), run_name="__main__")
+
+
 @pytest.mark.parametrize("script", sorted(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "bench", "*.py"))))
-def test_every_bench_script_answers_help_and_runs_nothing(script):
+def test_every_bench_script_answers_help_and_runs_nothing(script, monkeypatch, capsys):
     """`--help` lists the constants and exits: first_stage_quality.py once took it for nothing
     and began deleting and retraining its runs."""
-    process = subprocess.Popen([sys.executable, f"bench/{script}", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)     # and whatever it started
-        raise AssertionError(f"bench/{script} --help still running after 120 s")
-    assert process.returncode == 0 and "constants (--NAME=value" in stdout, stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_status:
+        run_bench_here(script, ["--help"], monkeypatch)
+    assert exit_status.value.code == 0 and "constants (--NAME=value" in capsys.readouterr().out
 
 
-def test_speed_race_refuses_contestants_of_other_latent_grids():
-    result = subprocess.run([sys.executable, "bench/first_stage_speed.py",
-                             "--CONTESTANT_NAMES=('ours, z', 'ours, z, 4x4 patches')"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "latent grids at 64x64 differ ('ours, z' 16x16; 'ours, z, 4x4 patches' 4x4)" in result.stderr
+def test_speed_race_refuses_contestants_of_other_latent_grids(monkeypatch):
+    import util
+    with pytest.raises(util.UserError, match=re.escape("latent grids at 64x64 differ ('ours, z' 16x16; "
+                                                       "'ours, z, 4x4 patches' 4x4)")):
+        run_bench_here("first_stage_speed.py", ["--CONTESTANT_NAMES=('ours, z', 'ours, z, 4x4 patches')"], monkeypatch)
