@@ -92,7 +92,12 @@ def test_scan_frame_lays_a_scored_brain_over_its_own_scan_not_the_template(tmp_p
 
 def run_bench_here(script, argv, monkeypatch):
     """bench/<script> run in this process (its imports are this process's already), with nothing
-    it could start: a subprocess it launched would fail the test at once."""
+    it could start: a subprocess it launched would fail the test at once. pre_train.py's constants,
+    which first_stage_speed.py sets to its preset's, are put back afterwards for the other tests."""
+    import pre_train
+    import util
+    for name in util.config_names(vars(pre_train)):
+        monkeypatch.setattr(pre_train, name, getattr(pre_train, name))
     def no_subprocess(*args, **kwargs):
         raise AssertionError(f"bench/{script} started {args[0] if args else kwargs}")
 
