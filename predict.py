@@ -162,10 +162,24 @@ if __name__ == "__main__":
     util.seed_everything(SEED)
     device = util.get_device()
     collected = load_latents(LATENT_DIR, FIRST_STAGE, SPLIT)
-    for second_stage in ("prior", "diffusion"):      # before any work: one trained on other codes is refused
-        path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_{second_stage}_best.pt")
-        if os.path.isfile(path):
-            check_same_first_stage(util.load_checkpoint(path), collected, path)
+    # the second stages, before any work: one trained on other codes, or not finished, is refused
+    prior = diffusion = None
+    prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
+    if os.path.isfile(prior_path):
+        prior, prior_checkpoint = load_prior(prior_path, device)
+        check_same_first_stage(prior_checkpoint, collected, prior_path)
+        if set(prior_checkpoint.get("sampling", ())) != set(SAMPLING_KEYS):
+            raise util.UserError(f"{prior_path} has no sampling settings {SAMPLING_KEYS} (train_viT.py chooses "
+                                 f"them when it finishes; an older version chose others); re-run train_viT.py: "
+                                 f"it resumes and chooses them")
+    diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
+    if os.path.isfile(diffusion_path):
+        unet, diffusion, diffusion_checkpoint = load_diffusion(diffusion_path, device)
+        check_same_first_stage(diffusion_checkpoint, collected, diffusion_path)
+        if "sampling" not in diffusion_checkpoint:
+            raise util.UserError(f"{diffusion_path} has no sampling settings (stable_diffusion.py chooses its "
+                                 f"guidance scale and snap temperature when it finishes); re-run "
+                                 f"stable_diffusion.py to finish it")
     first_stage, _ = load_first_stage(collected["checkpoint"], device)
     # the data the latents were collected from (latent_dataset.py's DATA_DIR), as the searches use
     critic, data_dir, img_size = load_first_stage_critic(collected["config"], CKPT_DIR, device)
@@ -207,25 +221,13 @@ if __name__ == "__main__":
             timed("histogram", lambda: first_stage.sample(len(z), z, histogram))
         else:
             timed("gaussian", lambda: first_stage.sample(len(z), z, img_size))
-        prior_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_prior_best.pt")
-        if os.path.isfile(prior_path):
-            prior, checkpoint = load_prior(prior_path, device)
-            if set(checkpoint.get("sampling", ())) != set(SAMPLING_KEYS):
-                raise util.UserError(f"{prior_path} has no sampling settings {SAMPLING_KEYS} (train_viT.py chooses "
-                                     f"them when it finishes; an older version chose others); re-run train_viT.py: "
-                                     f"it resumes and chooses them")
-            timed("prior", lambda: prior_volumes(prior, first_stage, device, VOLUMES, **checkpoint["sampling"]))
-        diffusion_path = os.path.join(CKPT_DIR, f"{FIRST_STAGE}_diffusion_best.pt")
-        if os.path.isfile(diffusion_path):
-            unet, diffusion, checkpoint = load_diffusion(diffusion_path, device)
-            stats = checkpoint["stats"]
-            if "sampling" not in checkpoint:
-                raise util.UserError(f"{diffusion_path} has no sampling settings (stable_diffusion.py chooses its "
-                                     f"guidance scale and snap temperature when it finishes); re-run "
-                                     f"stable_diffusion.py to finish it")
-            guidance, snap_temperature = checkpoint["sampling"]["guidance"], checkpoint["sampling"]["snap_temperature"]
+        if prior is not None:
+            timed("prior", lambda: prior_volumes(prior, first_stage, device, VOLUMES, **prior_checkpoint["sampling"]))
+        if diffusion is not None:
+            stats, sampling = diffusion_checkpoint["stats"], diffusion_checkpoint["sampling"]
+            guidance, snap_temperature = sampling["guidance"], sampling["snap_temperature"]
             timed("diffusion_ddim50", lambda: diffusion_volumes(unet, diffusion, first_stage, stats, device,
-                                                                VOLUMES, steps=50, **checkpoint["sampling"]))
+                                                                VOLUMES, steps=50, **sampling))
             gif_states = []
 
             def ddpm_volumes():
