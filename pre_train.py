@@ -160,7 +160,8 @@ def save_grids(model, loader, code_histogram, device, epoch):
 
 
 if __name__ == "__main__":
-    config = util.apply_overrides(globals(), other_types={"ENCODER_RES_BLOCKS": tuple, "DECODER_RES_BLOCKS": tuple})
+    config = util.apply_overrides(globals(), other_types={"ENCODER_RES_BLOCKS": tuple, "DECODER_RES_BLOCKS": tuple,
+                                                          "USE_BF16": bool})
     util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "KL_CYCLE_STEPS", "RANDOM_LATENTS", "DETAIL_WINDOW"))
     if not DETAIL_WEIGHT >= 0:
         raise util.UserError(f"DETAIL_WEIGHT must be >= 0 (0 = no detail-energy loss), got {DETAIL_WEIGHT}")

@@ -121,7 +121,7 @@ def choose_sampling(model, diffusion, first_stage, first_stage_config, stats, de
 
 
 if __name__ == "__main__":
-    config = util.apply_overrides(globals())
+    config = util.apply_overrides(globals(), other_types={"USE_BF16": bool})
     util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "SAMPLE_STEPS", "GRID_EVERY", "EVAL_EVERY"))
     if LOSS not in ("mse", "l1"):
         raise util.UserError(f"LOSS must be 'mse' or 'l1', got {LOSS!r}")

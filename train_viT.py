@@ -114,7 +114,7 @@ def choose_sampling(prior, first_stage, first_stage_config, device):
 
 
 if __name__ == "__main__":
-    config = util.apply_overrides(globals())
+    config = util.apply_overrides(globals(), other_types={"USE_BF16": bool})
     util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "GRID_EVERY"))
     run_name = RUN_NAME or f"{FIRST_STAGE}_prior"
     device = util.setup_distributed()

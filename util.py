@@ -689,8 +689,9 @@ def apply_overrides(namespace, argv=None, other_types=None):
     """Override a script's upper-case constants in place, nanoGPT style. Arguments are read
     left to right: `path/to/preset.py` executes a small config file of plain assignments,
     `--NAME=value` sets one constant (a Python literal; bare text for strings). A value must
-    have the script's default's type (a None default: None, True / False or text), or the type
-    `other_types` ({name: type}) allows besides it (an int or a tuple of per-level counts), even
+    have the script's default's type (a None default: None or text), or the type `other_types`
+    ({name: type}) allows besides it (an int or a tuple of per-level counts, bool for a None
+    default that means "decide for me"), even
     after an earlier argument gave the constant the other type. Unknown names, values of the
     wrong type and unreadable config files stop with a UserError. `--help` (or `-h`) prints
     config_help and exits.
@@ -731,8 +732,9 @@ def apply_overrides(namespace, argv=None, other_types=None):
                 raise UserError(f"{source}: unknown constant {name!r}; this script has: "
                                 + ", ".join(sorted(names)))
             default = defaults[name]
-            # a None default (a folder, or "decide for me") takes None, True / False or text
-            types = ((type(None), bool, str) if default is None else (type(default),)) \
+            # a None default (a folder, or "decide for me") takes None or text, and True / False where
+            # other_types says bool (USE_BF16), so that --DATA_DIR=True is a folder named True
+            types = ((type(None), str) if default is None else (type(default),)) \
                 + ((other_types[name],) if name in other_types else ())
             if isinstance(value, str) and source.startswith("argument"):
                 value = _parse_literal(value, types)

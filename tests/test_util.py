@@ -188,14 +188,18 @@ def test_a_second_type_and_bare_text_for_strings():
 
 
 def test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before(tmp_path):
-    """A None default takes None, True / False or text (a folder named 2024 is a folder); a
-    constant an earlier argument gave its other type still takes its default's type."""
+    """A None default takes None or text (folders named 2024 or True are folders), and True /
+    False only where other_types allows bool (USE_BF16's "decide for me"); a constant an earlier
+    argument gave its other type still takes its default's type."""
     config = util.apply_overrides(script_constants(), ["--DATA_DIR=2024"])
     assert config["DATA_DIR"] == "2024"
+    assert util.apply_overrides(script_constants(), ["--DATA_DIR=True"])["DATA_DIR"] == "True"
     assert util.apply_overrides(script_constants(), ["--DATA_DIR=/data", "--DATA_DIR=None"])["DATA_DIR"] is None
+    decided = util.apply_overrides({"USE_BF16": None}, ["--USE_BF16=False"], other_types={"USE_BF16": bool})
+    assert decided["USE_BF16"] is False
     preset = tmp_path / "numbered.py"
     preset.write_text("DATA_DIR = 2024\n")           # in a config file a string is written as one
-    with pytest.raises(util.UserError, match="DATA_DIR must be None or True or False or a string, .*got 2024$"):
+    with pytest.raises(util.UserError, match="DATA_DIR must be None or a string, .*got 2024$"):
         util.apply_overrides(script_constants(), [str(preset)])
     preset = tmp_path / "one_split.py"
     preset.write_text("SPLIT = 'test'\n")
