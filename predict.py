@@ -97,6 +97,18 @@ def plot_codebook_usage(counts, path):
     return usage
 
 
+def brain_colours(count):
+    """(colormap, norm) giving brains ranked 0..count-1 one distinct colour each, in bands of a
+    colour bar (a continuous map, as tab20 alone, gives 8 brains 20 bands and pairs of like hues)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    if count <= 20:
+        colormap = ListedColormap(plt.get_cmap("tab10" if count <= 10 else "tab20").colors[:count])
+    else:
+        colormap = plt.get_cmap("turbo", count)
+    return colormap, BoundaryNorm(np.arange(count + 1) - 0.5, count)
+
+
 def plot_tsne(latents, z, brain, path):
     """t-SNE of flattened latents in two panels: coloured by slice index z, and by brain (each
     brain's slices one colour, as the original showed it)."""
@@ -109,11 +121,11 @@ def plot_tsne(latents, z, brain, path):
                   perplexity=min(30.0, len(keep) - 1.0)).fit_transform(latents[keep].flatten(1).numpy())
     brain_ids, brain_rank = np.unique(brain[keep].numpy(), return_inverse=True)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, colour, label, cmap in ((axes[0], z[keep].numpy(), "slice index z", "viridis"),
-                                    (axes[1], brain_rank, "brain", "tab20")):
-        scatter = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=cmap, s=8)
+    for ax, colour, label, (colormap, norm) in ((axes[0], z[keep].numpy(), "slice index z", ("viridis", None)),
+                                                (axes[1], brain_rank, "brain", brain_colours(len(brain_ids)))):
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=colormap, norm=norm, s=8)
         colour_bar = fig.colorbar(scatter, ax=ax, label=label)
-        if label == "brain":     # coloured by rank (evenly spread colours), ticked with the brains' ids
+        if label == "brain":     # one band per brain, ticked with the brains' ids (at most 10 of them)
             ticks = np.unique(np.linspace(0, len(brain_ids) - 1, min(len(brain_ids), 10)).round().astype(int))
             colour_bar.set_ticks(ticks, labels=[str(brain_ids[tick]) for tick in ticks])
         ax.set_title(f"coloured by {label}")

@@ -607,6 +607,18 @@ def test_diffusion_training_improves_and_predict_pictures_everything(first_stage
     util.save_checkpoint(checkpoint, prior_path)
 
 
+@pytest.mark.parametrize("brains", [1, 8, 12, 25])
+def test_tsne_gives_each_brain_its_own_colour_band(brains):
+    """The t-SNE by brain: one colour per brain, in its own band of the colour bar (tab20 over
+    8 brains gave 20 bands, and pairs of brains like hues)."""
+    from predict import brain_colours
+    colormap, norm = brain_colours(brains)
+    colours = [tuple(colormap(norm(rank))) for rank in range(brains)]
+    assert len(set(colours)) == brains
+    assert all(tuple(colormap(norm(rank + offset))) == colours[rank]
+               for rank in range(brains) for offset in (-0.4, 0.4))     # a band either side of its tick
+
+
 def test_diffusion_learns_to_use_its_timestep_and_z(first_stage_dir, tmp_path):
     """Told a wrong t or z, the trained U-Net must do clearly worse on validate latents; a U-Net
     that ignores t or z would do exactly as well. With seeds 0-3 on an AVX2 CPU it did 10-12% and
