@@ -239,9 +239,17 @@ MUTATIONS = [
     ("types_from_the_current_value", "util.py", "            default = defaults[name]\n",
      "            default = namespace[name]\n",
      ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
-    ("none_defaults_take_any_literal", "util.py", "((type(None), bool, str) if default is None else",
+    ("none_defaults_take_any_literal", "util.py", "((type(None), str) if default is None else",
      "((type(None),) if default is None else",
      ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
+    # a None default taking True / False as bools, so --DATA_DIR=True was the bool True, not a folder
+    ("none_defaults_take_bools", "util.py", "((type(None), str) if default is None else",
+     "((type(None), bool, str) if default is None else",
+     ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
+    # the t-SNE's brain bands shifted half a band: each brain's tick on the border of two colours
+    ("tsne_brain_bands_shifted", "predict.py", "BoundaryNorm(np.arange(count + 1) - 0.5, count)",
+     "BoundaryNorm(np.arange(count + 1), count)",
+     [SECOND_STAGE + "test_tsne_gives_each_brain_its_own_colour_band"]),
     # latents collected from other data recording the first stage's data, which the searches and predict.py score on
     ("latents_record_the_first_stage_data", "latent_dataset.py", 'first_stage_config | {"DATA_DIR": data_dir}',
      "first_stage_config", [SECOND_STAGE + "test_latents_of_other_data_record_it"]),
