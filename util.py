@@ -482,6 +482,9 @@ def load_checkpoint(path, config=None, shape_keys=(), map_location="cpu"):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"checkpoint {path} cannot be read ({first_line}); it is corrupt or "
                         f"not a checkpoint of this project") from error
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint of this project "
+                        f"(a dict of weights and config)")
     if config is not None:
         stored = checkpoint.get("config", {})
         differing = [f"{key}: checkpoint {stored.get(key)!r}, script {config.get(key)!r}"

@@ -157,6 +157,10 @@ def test_load_refuses_corrupt_missing_and_pickled_objects(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, pickled)   # a whole pickled module, as the original did
     with pytest.raises(util.UserError, match="module.pt cannot be read"):
         util.load_checkpoint(pickled)
+    tensor = str(tmp_path / "tensor.pt")
+    torch.save(torch.zeros(3), tensor)      # loads under weights_only, but is no checkpoint dict
+    with pytest.raises(util.UserError, match="tensor.pt holds a Tensor, not a checkpoint of this project"):
+        util.load_checkpoint(tensor, {"IMG_SIZE": 64}, ("IMG_SIZE",))
 
 
 # ----------------------------------------------------------------------------- config overrides
