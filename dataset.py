@@ -1,8 +1,8 @@
 """OASIS-layout 2-D brain slices: the loader, and the builder of the built-in demo brains.
 
 `python dataset.py` builds the demo brains if needed (or reads DATA_DIR), prints a summary and
-renders a grid to visualize/. `--NIFTI_FILES='scans/*.nii.gz'` converts your own NIfTI volumes
-to the same layout instead (`--NIFTI_SPLIT=test` puts them all in the test split;
+renders a grid to visualize/. `--NIFTI_FILES='scans/*_T1w.nii.gz'` converts your own NIfTI
+volumes to the same layout instead (`--NIFTI_SPLIT=test` puts them all in the test split;
 `--NIFTI_MASK_FILES='scans/*_mask.nii.gz'` strips the skull of scans that still have it).
 
 The demo brains are template-derived demo data, NOT OASIS: pseudo-brains made from the
@@ -497,17 +497,19 @@ def _write_brain(out_dir, split, brain_id, slices, labels, affine=None):
                 os.path.join(seg_folder(out_dir, split), f"seg_{brain_id}_slice_{z}.nii.png"))
 
 
-def _write_dataset(out_dir, brains, info, setting, nifti_affines=None):
+def _write_dataset(out_dir, brains, info, setting, nifti_affines=None, replace=True):
     """Write (split, brain_id, slices) brains, slices() giving (uint8 slices (32, S, S), tissue
-    labels or None), into a temporary folder and rename it to `out_dir` at the end, so an
-    interrupted build never looks finished. Each brain in `nifti_affines` ({brain_id: its slices'
-    voxel -> mm}) is also written as one NIfTI volume, nifti_<split>/case_<id>.nii.gz. An existing
-    `out_dir` is replaced only when this function wrote it (it holds dataset_info.json); else the
-    error names `setting`, the constant that chose the folder."""
+    labels or None), into this process's own temporary folder and rename it to `out_dir` at the
+    end, so an interrupted build never looks finished and processes building at once (torchrun's,
+    each finding the demo brains missing) never write into one folder. Each brain in
+    `nifti_affines` ({brain_id: its slices' voxel -> mm}) is also written as one NIfTI volume,
+    nifti_<split>/case_<id>.nii.gz. An existing `out_dir` is replaced only when this function
+    wrote it (it holds dataset_info.json); else the error names `setting`, the constant that chose
+    the folder. With replace=False a finished `out_dir` another process wrote meanwhile is kept."""
     if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
         raise util.UserError(f"{out_dir} exists and was not written by dataset.py (no dataset_info.json); "
                              f"choose a new folder ({setting}) rather than overwrite it")
-    partial = out_dir.rstrip("/") + ".partial"
+    partial = f"{out_dir.rstrip('/')}.partial-{os.getpid()}"      # a killed build's can be deleted
     shutil.rmtree(partial, ignore_errors=True)
 
     def build(brain):
@@ -520,8 +522,14 @@ def _write_dataset(out_dir, brains, info, setting, nifti_affines=None):
             pass
     with open(os.path.join(partial, "dataset_info.json"), "w") as f:
         json.dump(info, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    if replace:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        os.replace(partial, out_dir)    # a folder onto a non-empty one fails: nothing is mixed
+    except OSError:
+        if replace or not os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
+            raise
+        shutil.rmtree(partial)          # another process finished the same brains first: theirs stay
     return out_dir
 
 
@@ -541,16 +549,20 @@ def build_demo_brains(out_dir, brains_per_split, seed):
             "brains_per_split": list(brains_per_split), "seed": seed,
             # each brain is warped a little, so the template's frame is every brain's only on average
             "slice_frame": slice_frame(*_brain_box(template))}
-    return _write_dataset(out_dir, brains, info, "DEMO_DIR")
+    return _write_dataset(out_dir, brains, info, "DEMO_DIR", replace=False)
 
 
 def find_nifti(patterns, name="NIFTI_FILES"):
-    """The files `patterns` (the constant `name`) names: comma-separated globs or paths."""
-    paths = [p for pattern in patterns.split(",") for p in sorted(glob.glob(pattern.strip()))]
+    """The files `patterns` (the constant `name`) names: comma-separated globs or paths, each
+    file once (overlapping globs would make one scan two brains, maybe in two splits)."""
+    paths = {}      # {real path: path as matched}, in the order matched
+    for pattern in patterns.split(","):
+        for path in sorted(glob.glob(pattern.strip())):
+            paths.setdefault(os.path.realpath(path), path)
     if not paths:
         raise util.UserError(f"{name} {patterns!r} matched no files; give NIfTI paths or globs, "
                              f"comma-separated, e.g. --{name}='scans/*.nii.gz'")
-    return paths
+    return list(paths.values())
 
 
 def nifti_splits(count, split):
@@ -656,9 +668,11 @@ def resolve_data_dir(data_dir=None):
         if not os.path.isdir(data_dir):
             build_demo_brains(data_dir, DEMO_BRAINS, DEMO_SEED)
     elif os.path.isfile(data_dir):
-        raise util.UserError(f"DATA_DIR {data_dir} is a file, not a folder of slices; NIfTI volumes convert to one "
-                             f"with python dataset.py --NIFTI_FILES={data_dir} --NIFTI_SPLIT=test "
-                             f"--NIFTI_OUT_DIR=my_scans\n{EXPECTED_LAYOUT}")
+        fix = (f"NIfTI volumes convert to one with python dataset.py --NIFTI_FILES={data_dir} --NIFTI_SPLIT=test "
+               f"--NIFTI_OUT_DIR=my_scans" if data_dir.endswith((".nii", ".nii.gz"))
+               else "an archive (OASIS's slices come as keras_png_slices_data.zip) is unpacked first, and DATA_DIR "
+                    "names the folder that holds the keras_png_slices_* folders")
+        raise util.UserError(f"DATA_DIR {data_dir} is a file, not a folder of slices; {fix}\n{EXPECTED_LAYOUT}")
     elif not os.path.isdir(data_dir):
         raise util.UserError(f"DATA_DIR {data_dir} does not exist;\n{EXPECTED_LAYOUT}")
     return data_dir

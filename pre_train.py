@@ -69,8 +69,8 @@ DETAIL_WEIGHT = 2.0          # weight of the detail-energy loss (detail_energy_l
                              # test), SSIM 0.980 against 0.985, and diffusion samples a little closer to real at
                              # every snap temperature on validate (Frechet, tissue, sharpness; README, "Realism")
 DETAIL_WINDOW = 8            # its windows, in pixels
-KL_WEIGHT = 1e-6             # VAE: KL weight at the top of each annealing cycle
-KL_CYCLE_STEPS = 500         # VAE: the KL weight ramps from half to full over each cycle
+KL_WEIGHT = 1e-6             # VAE: the KL weight each annealing cycle ramps towards
+KL_CYCLE_STEPS = 500         # VAE: the KL weight ramps from half towards full over each cycle
 USE_BF16 = None              # bf16 autocast on the CPU: None = where it has bf16 instructions (AVX-512-BF16 or AMX:
                              # 1.4x the steps/s here), True / False to force;
                              # on an AVX2 CPU bf16 made a step 16x slower. CUDA uses it wherever the GPU has it
@@ -89,7 +89,8 @@ NUM_Z = dataset.SLICES_PER_BRAIN
 
 
 def kl_weight(step):
-    """Cyclical annealing: KL_WEIGHT * (0.5 -> 1) linearly over each KL_CYCLE_STEPS steps."""
+    """Cyclical annealing: from KL_WEIGHT / 2 up linearly over each KL_CYCLE_STEPS steps, the
+    cycle's last step at KL_WEIGHT * (1 - 1 / (2 KL_CYCLE_STEPS)), then back to half."""
     return KL_WEIGHT * (0.5 + 0.5 * (step % KL_CYCLE_STEPS) / KL_CYCLE_STEPS)
 
 

@@ -246,6 +246,13 @@ MUTATIONS = [
     ("none_defaults_take_bools", "util.py", "((type(None), str) if default is None else",
      "((type(None), bool, str) if default is None else",
      ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
+    # processes building the demo brains at once sharing one temporary folder (torchrun's, on a fresh checkout)
+    ("demo_builds_share_a_temporary_folder", "dataset.py", "partial = f\"{out_dir.rstrip('/')}.partial-{os.getpid()}\"",
+     "partial = f\"{out_dir.rstrip('/')}.partial\"",
+     ["tests/test_dataset.py::test_processes_building_the_demo_brains_at_once_leave_them_whole"]),
+    # a NIfTI file named twice (overlapping globs) converted as two brains
+    ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",
+     "paths[os.path.realpath(path)] = path", ["tests/test_dataset.py::test_nifti_files_named_twice_are_one_brain"]),
     # the t-SNE's brain bands shifted half a band: each brain's tick on the border of two colours
     ("tsne_brain_bands_shifted", "predict.py", "BoundaryNorm(np.arange(count + 1) - 0.5, count)",
      "BoundaryNorm(np.arange(count + 1), count)",

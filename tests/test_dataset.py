@@ -162,7 +162,21 @@ def test_demo_brains_are_deterministic_and_distinct(demo_dir, tmp_path):
     assert np.array_equal(first, np.asarray(Image.open(os.path.join(again, name))))
     other_brain = np.asarray(Image.open(os.path.join(demo_dir, name.replace("case_2", "case_1"))))
     assert np.abs(first.astype(int) - other_brain).mean() > 5
-    assert not os.path.exists(str(tmp_path / "again") + ".partial")
+    assert not [name for name in os.listdir(tmp_path) if ".partial" in name]
+
+
+def test_processes_building_the_demo_brains_at_once_leave_them_whole(tmp_path):
+    """torchrun's processes each find the demo brains missing and build them at once. They once
+    shared one temporary folder, and the last to finish put a folder of a few slices in place."""
+    build = ("import dataset; dataset.DEMO_DIR = {!r}; dataset.DEMO_BRAINS = (2, 1, 1); "
+             "print(dataset.resolve_data_dir())").format(str(tmp_path))
+    builders = [subprocess.Popen([sys.executable, "-c", build], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True) for _ in range(3)]
+    folders = {builder.communicate()[0].strip() for builder in builders}
+    assert all(builder.returncode == 0 for builder in builders) and len(folders) == 1
+    data_dir = folders.pop()
+    assert [len(dataset.OasisSlices(split, data_dir, 32)) for split in dataset.SPLITS] == [64, 32, 32]
+    assert os.listdir(tmp_path) == [os.path.basename(data_dir)]     # no temporary folder left behind
 
 
 def grey_level_errors(volume, slices, frame):
@@ -359,6 +373,16 @@ def test_nifti_splits_by_share_or_by_name():
     for bad in ("testing", (1, 2), (1, -1, 1), (0, 0, 0)):
         with pytest.raises(util.UserError, match="^NIFTI_SPLIT must be"):
             dataset.nifti_splits(1, bad)
+
+
+def test_nifti_files_named_twice_are_one_brain(tmp_path, monkeypatch):
+    """Overlapping globs (or a path written two ways) name each scan once: twice, it became two
+    brains, maybe one in validate and one in test."""
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert dataset.find_nifti("*.nii.gz,c.nii.gz,./a.nii.gz") == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert dataset.find_nifti("c.nii.gz,*.nii.gz") == ["c.nii.gz", "a.nii.gz", "b.nii.gz"]    # in the order named
 
 
 def test_nifti_errors_name_the_file_or_folder(tmp_path):

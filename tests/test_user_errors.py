@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import dataset
 import model_diffusion
 import model_discriminator
 import model_prior
@@ -141,6 +142,10 @@ def test_missing_data_folder(tmp_path):
     assert returncode == 1 and "Traceback" not in stderr
     assert stderr.startswith(f"DATA_DIR {tmp_path}/scan.nii.gz is a file, not a folder of slices; NIfTI volumes "
                              f"convert to one with python dataset.py --NIFTI_FILES={tmp_path}/scan.nii.gz")
+    (tmp_path / "keras_png_slices_data.zip").write_bytes(b"")     # OASIS's slices as downloaded: not NIfTI
+    with pytest.raises(util.UserError, match="keras_png_slices_data.zip is a file, not a folder of slices; an archive "
+                                             r"\(OASIS's slices come as keras_png_slices_data.zip\) is unpacked first"):
+        dataset.resolve_data_dir(str(tmp_path / "keras_png_slices_data.zip"))
 
 
 def test_smoothing_window_of_zero(tmp_path):
