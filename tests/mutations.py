@@ -246,9 +246,11 @@ MUTATIONS = [
     ("none_defaults_take_bools", "util.py", "((type(None), str) if default is None else",
      "((type(None), bool, str) if default is None else",
      ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
-    # processes building the demo brains at once sharing one temporary folder (torchrun's, on a fresh checkout)
-    ("demo_builds_share_a_temporary_folder", "dataset.py", "partial = f\"{out_dir.rstrip('/')}.partial-{os.getpid()}\"",
-     "partial = f\"{out_dir.rstrip('/')}.partial\"",
+    # processes building the demo brains at once (torchrun's) sharing one temporary folder and each replacing
+    # whatever folder it finds at the end: the code before the fix
+    ("demo_builds_share_a_folder_and_replace", "dataset.py",
+     "partial = f\"{out_dir.rstrip('/')}.partial-{os.getpid()}\"",
+     "partial = out_dir.rstrip('/') + '.partial'; replace = True",
      ["tests/test_dataset.py::test_processes_building_the_demo_brains_at_once_leave_them_whole"]),
     # a NIfTI file named twice (overlapping globs) converted as two brains
     ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",
