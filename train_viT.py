@@ -7,8 +7,9 @@ A decoder-only (GPT) transformer reads a slice's codes in raster order. Position
 start token made from z, so the logits at position i predict code i from z and codes 0..i-1
 (the original predicted code i from codes 0..i, learned to copy its input, and sampled noise).
 Training minimises cross-entropy on collected_latents/<FIRST_STAGE>_train.pt; each epoch logs,
-scores the validate split (nats per code), saves model_ckpt/<run>_{last,best}.pt and a grid of
-32 sampled slices (z = 0..31) decoded by the first stage to visualize/. Re-running resumes.
+scores the validate split (nats per code) and saves model_ckpt/<run>_{last,best}.pt; every
+GRID_EVERY epochs a grid of 32 sampled slices (z = 0..31) decoded by the first stage goes to
+visualize/. Re-running resumes.
 A share Z_DROP of the training slices is told no z, so that sampling can use classifier-free
 guidance on z. At the end the best epoch's sampling temperature, top-p and guidance scale are
 chosen on validate by the realism metrics (stored in its checkpoint for predict.py); it is scored
