@@ -246,11 +246,16 @@ MUTATIONS = [
     ("none_defaults_take_bools", "util.py", "((type(None), str) if default is None else",
      "((type(None), bool, str) if default is None else",
      ["tests/test_util.py::test_types_come_from_the_scripts_defaults_whatever_set_the_constant_before"]),
-    # processes building the demo brains at once (torchrun's) sharing one temporary folder and each replacing
-    # whatever folder it finds at the end: the code before the fix
+    # processes building the demo brains at once (torchrun's) sharing one temporary folder, each clearing it as it
+    # begins, and each replacing whatever folder it finds at the end: the code before the fix, and each half of it
     ("demo_builds_share_a_folder_and_replace", "dataset.py",
      "partial = f\"{out_dir.rstrip('/')}.partial-{os.getpid()}\"",
      "partial = out_dir.rstrip('/') + '.partial'; replace = True",
+     ["tests/test_dataset.py::test_processes_building_the_demo_brains_at_once_leave_them_whole"]),
+    ("demo_builds_share_a_temporary_folder", "dataset.py",
+     "partial = f\"{out_dir.rstrip('/')}.partial-{os.getpid()}\"", "partial = out_dir.rstrip('/') + '.partial'",
+     ["tests/test_dataset.py::test_processes_building_the_demo_brains_at_once_leave_them_whole"]),
+    ("demo_build_replaces_a_finished_folder", "dataset.py", 'info, "DEMO_DIR", replace=False)', 'info, "DEMO_DIR")',
      ["tests/test_dataset.py::test_processes_building_the_demo_brains_at_once_leave_them_whole"]),
     # a NIfTI file named twice (overlapping globs) converted as two brains
     ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",

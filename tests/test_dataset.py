@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import nibabel
 import numpy as np
@@ -167,16 +168,50 @@ def test_demo_brains_are_deterministic_and_distinct(demo_dir, tmp_path):
 
 def test_processes_building_the_demo_brains_at_once_leave_them_whole(tmp_path):
     """torchrun's processes each find the demo brains missing and build them at once. They once
-    shared one temporary folder, and the last to finish put a folder of a few slices in place."""
-    build = ("import dataset; dataset.DEMO_DIR = {!r}; dataset.DEMO_BRAINS = (2, 1, 1); "
-             "print(dataset.resolve_data_dir())").format(str(tmp_path))
-    builders = [subprocess.Popen([sys.executable, "-c", build], cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True) for _ in range(3)]
-    folders = {builder.communicate()[0].strip() for builder in builders}
-    assert all(builder.returncode == 0 for builder in builders) and len(folders) == 1
-    data_dir = folders.pop()
+    shared one temporary folder, each clearing it as it began and replacing the finished folder
+    as it ended: a folder of a few slices took the place of the brains, or a process crashed.
+    Here a second build begins while the first is under way and ends after it."""
+    go = tmp_path / "second_build_began"
+    build = """import os, sys, time
+import dataset
+dataset.DEMO_DIR, dataset.DEMO_BRAINS = sys.argv[1], (2, 1, 1)
+write_brain = dataset._write_brain
+def wait_for(path):      # at most a minute, should the other build have failed
+    for _ in range(1200):
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+def paced_write_brain(out_dir, split, brain_id, *rest, **kwargs):
+    if sys.argv[2] == "first" and brain_id == 4:     # its last brain waits for the second build to begin
+        wait_for(sys.argv[3])
+    if sys.argv[2] == "second":                      # begun (its folder cleared): let the first finish first
+        open(sys.argv[3], "w").close()
+        wait_for(dataset.demo_data_dir(dataset.DEMO_BRAINS, dataset.DEMO_SEED, dataset.DEMO_DIR))
+        time.sleep(1)
+    write_brain(out_dir, split, brain_id, *rest, **kwargs)
+dataset._write_brain = paced_write_brain
+print(dataset.resolve_data_dir())
+"""
+    def start(role):
+        return subprocess.Popen([sys.executable, "-c", build, str(tmp_path / "demo"), role, str(go)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first")
+    deadline = time.time() + 120
+    while not any((tmp_path / "demo").glob("*.partial*/*/*.png")):   # the first has written slices
+        assert time.time() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = start("second")
+    outputs = [first.communicate(timeout=300)]
+    data_dir = outputs[0][0].strip()
+    assert first.returncode == 0, outputs        # (the second build still under way)
     assert [len(dataset.OasisSlices(split, data_dir, 32)) for split in dataset.SPLITS] == [64, 32, 32]
-    assert os.listdir(tmp_path) == [os.path.basename(data_dir)]     # no temporary folder left behind
+    finished = os.stat(data_dir).st_ino
+    outputs.append(second.communicate(timeout=300))
+    assert second.returncode == 0 and outputs[1][0].strip() == data_dir, outputs
+    assert os.stat(data_dir).st_ino == finished      # the second left the finished folder in place
+    assert [len(dataset.OasisSlices(split, data_dir, 32)) for split in dataset.SPLITS] == [64, 32, 32]
+    assert os.listdir(tmp_path / "demo") == [os.path.basename(data_dir)]     # no temporary folder left
 
 
 def grey_level_errors(volume, slices, frame):
