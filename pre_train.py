@@ -86,6 +86,9 @@ SHAPE_KEYS = ("MODE", "IMG_SIZE", "Z_CONDITIONING", "PATCH_SIZE", "BASE_CHANNELS
               "ENCODER_RES_BLOCKS", "DECODER_RES_BLOCKS", "LATENT_CHANNELS", "NUM_CODES",
               "CODE_DIM", "DISC_CHANNELS", "DISC_LAYERS", "DISC_ATTENTION")
 NUM_Z = dataset.SLICES_PER_BRAIN
+# the types these constants take besides their default's (util.apply_overrides), for this script and for
+# anything that loads a preset of it (bench/first_stage_speed.py)
+OTHER_TYPES = {"ENCODER_RES_BLOCKS": tuple, "DECODER_RES_BLOCKS": tuple, "USE_BF16": bool}
 
 
 def kl_weight(step):
@@ -161,8 +164,7 @@ def save_grids(model, loader, code_histogram, device, epoch):
 
 
 if __name__ == "__main__":
-    config = util.apply_overrides(globals(), other_types={"ENCODER_RES_BLOCKS": tuple, "DECODER_RES_BLOCKS": tuple,
-                                                          "USE_BF16": bool})
+    config = util.apply_overrides(globals(), other_types=OTHER_TYPES)
     util.check_positive_ints(config, ("EPOCHS", "BATCH_SIZE", "KL_CYCLE_STEPS", "RANDOM_LATENTS", "DETAIL_WINDOW"))
     if not DETAIL_WEIGHT >= 0:
         raise util.UserError(f"DETAIL_WEIGHT must be >= 0 (0 = no detail-energy loss), got {DETAIL_WEIGHT}")

@@ -311,7 +311,7 @@ def step_flops(pair, optimizers, images, zs):
 if __name__ == "__main__":
     util.apply_overrides(globals(), other_types={"MONAI_OUTPUT_ACT": type(None)})
     if FIRST_STAGE_PRESET:
-        util.apply_overrides(vars(pre_train), [FIRST_STAGE_PRESET])
+        util.apply_overrides(vars(pre_train), [FIRST_STAGE_PRESET], other_types=pre_train.OTHER_TYPES)
     unknown = [name for name in CONTESTANT_NAMES if name not in CONTESTANTS]
     if unknown:
         raise util.UserError(f"CONTESTANT_NAMES: unknown {unknown}; expected names of {list(CONTESTANTS)}")
