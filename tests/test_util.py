@@ -350,12 +350,14 @@ import sys, torch
 sys.path.insert(0, {root!r})
 import util
 util.setup_distributed()
+rank = torch.distributed.get_rank()
 util.seed_everything(0)
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(2, 2, 1))
 draws, weights = [None, None], [None, None]
 torch.distributed.all_gather_object(draws, torch.rand(3))
 torch.distributed.all_gather_object(weights, model.module.weight.detach())
-if torch.distributed.get_rank() == 0:
+util.leave_process_group(rank == 0)     # as the training scripts end
+if rank == 0:
     torch.manual_seed(0)
     torch.nn.Conv2d(2, 2, 1)
     print("main draws as one process:", torch.equal(draws[0], torch.rand(3)))
@@ -385,6 +387,7 @@ for step in range(3):
     values.add(step, {{"train_loss": torch.tensor(step + 10.0 * rank), "lr": 0.5}})
 values.flush()
 torch.distributed.barrier()
+util.leave_process_group(rank == 0)
 if rank == 0:
     log.close()
     series = read_log({log!r})
