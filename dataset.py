@@ -9,6 +9,7 @@ The demo brains are template-derived demo data, NOT OASIS: pseudo-brains made fr
 skull-stripped MNI152 2009a T1 template that ships inside the nilearn package, each with its
 own smooth elastic warp, small affine change and intensity change (gamma, bias field).
 """
+import fcntl
 import functools
 import glob
 import hashlib
@@ -661,12 +662,32 @@ def brain_frames(data_dir):
     return {int(brain): frame for brain, frame in dataset_info(data_dir).get("brain_frames", {}).items()}
 
 
+def _build_demo_brains_once(data_dir):
+    """Build the demo brains unless another process is building them (torchrun's other processes,
+    a second script started at once): the first to lock `<folder>.lock` builds, the others wait and
+    find them built. The lock ends with its process, so a killed build leaves none held, only its
+    `.partial-<pid>` folder, which the next build clears. On a file system that refuses locks
+    (some network mounts) every process builds, and _write_dataset still keeps one whole folder."""
+    os.makedirs(os.path.dirname(data_dir), exist_ok=True)
+    with open(f"{data_dir}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            locked = True
+        except OSError:
+            locked = False
+        if not os.path.isdir(data_dir):
+            if locked:      # no other build is under way: any temporary folder is a killed build's
+                for stale in glob.glob(f"{glob.escape(data_dir)}.partial-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            build_demo_brains(data_dir, DEMO_BRAINS, DEMO_SEED)
+
+
 def resolve_data_dir(data_dir=None):
     """`data_dir` checked to exist, or (None) the demo brains, built on first use."""
     if data_dir is None:
         data_dir = demo_data_dir(DEMO_BRAINS, DEMO_SEED, DEMO_DIR)
         if not os.path.isdir(data_dir):
-            build_demo_brains(data_dir, DEMO_BRAINS, DEMO_SEED)
+            _build_demo_brains_once(data_dir)
     elif os.path.isfile(data_dir):
         fix = (f"NIfTI volumes convert to one with python dataset.py --NIFTI_FILES={data_dir} --NIFTI_SPLIT=test "
                f"--NIFTI_OUT_DIR=my_scans" if data_dir.endswith((".nii", ".nii.gz"))

@@ -257,6 +257,18 @@ MUTATIONS = [
      ["tests/test_dataset.py::test_processes_building_the_demo_brains_at_once_leave_them_whole"]),
     ("demo_build_replaces_a_finished_folder", "dataset.py", 'info, "DEMO_DIR", replace=False)', 'info, "DEMO_DIR")',
      ["tests/test_dataset.py::test_processes_building_the_demo_brains_at_once_leave_them_whole"]),
+    # processes started at once on a fresh checkout each building the demo brains, not waiting for the first's
+    ("demo_build_takes_no_lock", "dataset.py", "fcntl.flock(lock, fcntl.LOCK_EX)", "pass",
+     ["tests/test_dataset.py::test_one_process_builds_the_demo_brains_while_the_others_wait"]),
+    # a killed demo build's temporary folder left for good
+    ("killed_demo_build_folder_kept", "dataset.py", "shutil.rmtree(stale, ignore_errors=True)", "pass",
+     ["tests/test_dataset.py::test_one_process_builds_the_demo_brains_while_the_others_wait"]),
+    # a file system that refuses locks: the demo build stopping, or clearing another process's build under way
+    ("refused_demo_lock_stops_the_build", "dataset.py", "        except OSError:\n            locked = False\n",
+     "        finally:\n            locked = False\n",
+     ["tests/test_dataset.py::test_a_refused_demo_lock_builds_anyway_and_leaves_other_builds_alone"]),
+    ("refused_demo_lock_clears_other_builds", "dataset.py", "            if locked:", "            if True:",
+     ["tests/test_dataset.py::test_a_refused_demo_lock_builds_anyway_and_leaves_other_builds_alone"]),
     # a NIfTI file named twice (overlapping globs) converted as two brains
     ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",
      "paths[os.path.realpath(path)] = path", ["tests/test_dataset.py::test_nifti_files_named_twice_are_one_brain"]),

@@ -167,10 +167,11 @@ def test_demo_brains_are_deterministic_and_distinct(demo_dir, tmp_path):
 
 
 def test_processes_building_the_demo_brains_at_once_leave_them_whole(tmp_path):
-    """torchrun's processes each find the demo brains missing and build them at once. They once
+    """torchrun's processes each found the demo brains missing and built them at once. They once
     shared one temporary folder, each clearing it as it began and replacing the finished folder
     as it ended: a folder of a few slices took the place of the brains, or a process crashed.
-    Here a second build begins while the first is under way and ends after it."""
+    Here a second build begins while the first is under way and ends after it, as they still
+    would where the lock that makes the others wait is refused (some network mounts)."""
     go = tmp_path / "second_build_began"
     build = """import os, sys, time
 import dataset
@@ -190,7 +191,8 @@ def paced_write_brain(out_dir, split, brain_id, *rest, **kwargs):
         time.sleep(1)
     write_brain(out_dir, split, brain_id, *rest, **kwargs)
 dataset._write_brain = paced_write_brain
-print(dataset.resolve_data_dir())
+print(dataset.build_demo_brains(dataset.demo_data_dir(dataset.DEMO_BRAINS, dataset.DEMO_SEED, dataset.DEMO_DIR),
+                                dataset.DEMO_BRAINS, dataset.DEMO_SEED))
 """
     def start(role):
         return subprocess.Popen([sys.executable, "-c", build, str(tmp_path / "demo"), role, str(go)], cwd=ROOT,
@@ -212,6 +214,64 @@ print(dataset.resolve_data_dir())
     assert os.stat(data_dir).st_ino == finished      # the second left the finished folder in place
     assert [len(dataset.OasisSlices(split, data_dir, 32)) for split in dataset.SPLITS] == [64, 32, 32]
     assert os.listdir(tmp_path / "demo") == [os.path.basename(data_dir)]     # no temporary folder left
+
+
+def test_one_process_builds_the_demo_brains_while_the_others_wait(tmp_path):
+    """Processes started at once on a fresh checkout (torchrun's): the first builds the demo
+    brains, the others wait for them rather than build them too, and a temporary folder left by
+    a build killed earlier is cleared. Here the second asks for them while the first's last brain
+    waits for it."""
+    go, demo = tmp_path / "second_asks", tmp_path / "demo"
+    data_dir = dataset.demo_data_dir((2, 1, 1), dataset.DEMO_SEED, str(demo))
+    os.makedirs(f"{data_dir}.partial-999999999/keras_png_slices_train")      # a killed build's
+    ask = """import os, sys, time
+import dataset
+dataset.DEMO_DIR, dataset.DEMO_BRAINS = sys.argv[1], (2, 1, 1)
+write_brain, build_demo_brains = dataset._write_brain, dataset.build_demo_brains
+def paced_write_brain(out_dir, split, brain_id, *rest, **kwargs):
+    if brain_id == 4:      # the first's last brain waits until the second has asked, and a second more
+        while not os.path.exists(sys.argv[3]):
+            time.sleep(0.05)
+        time.sleep(1)
+    write_brain(out_dir, split, brain_id, *rest, **kwargs)
+def announced_build(*args):
+    print("built by", sys.argv[2])
+    return build_demo_brains(*args)
+dataset._write_brain, dataset.build_demo_brains = paced_write_brain, announced_build
+if sys.argv[2] == "second":
+    open(sys.argv[3], "w").close()
+print(dataset.resolve_data_dir())
+"""
+    def start(role):
+        return subprocess.Popen([sys.executable, "-c", ask, str(demo), role, str(go)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first")
+    deadline = time.time() + 120
+    while not any(demo.glob(f"*.partial-{first.pid}/*/*.png")):     # the first is building
+        assert time.time() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = start("second")
+    outputs = [process.communicate(timeout=300) for process in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    assert [out for out, _ in outputs] == [f"built by first\n{data_dir}\n", f"{data_dir}\n"]
+    assert [len(dataset.OasisSlices(split, data_dir, 32)) for split in dataset.SPLITS] == [64, 32, 32]
+    assert sorted(os.listdir(demo)) == [os.path.basename(data_dir), os.path.basename(data_dir) + ".lock"]
+
+
+def test_a_refused_demo_lock_builds_anyway_and_leaves_other_builds_alone(tmp_path, monkeypatch):
+    """A file system that refuses locks: the build goes on unlocked, and a temporary folder there
+    may be another process's build under way, so it stays."""
+    def refuse(*args):
+        raise OSError(37, "No locks available")
+    built = []
+    monkeypatch.setattr(dataset.fcntl, "flock", refuse)
+    monkeypatch.setattr(dataset, "build_demo_brains", lambda out_dir, *args: built.append(out_dir))
+    monkeypatch.setattr(dataset, "DEMO_DIR", str(tmp_path))
+    other_build = f"{dataset.demo_data_dir(dataset.DEMO_BRAINS, dataset.DEMO_SEED, str(tmp_path))}.partial-1"
+    os.makedirs(other_build)
+    data_dir = dataset.resolve_data_dir()
+    assert built == [data_dir] and os.path.isdir(other_build)
 
 
 def grey_level_errors(volume, slices, frame):
