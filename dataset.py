@@ -186,7 +186,8 @@ class OasisSlices(Dataset):
         self.segs = None
         if has_seg:
             grey = self._load(seg_paths, Image.Resampling.NEAREST)
-            self.segs = np.rint(grey / SEG_GREY_STEP).astype(np.uint8)
+            # labels saved as they are (0..3, not x 85) would all round to background
+            self.segs = grey if grey.max() <= 3 else np.rint(grey / SEG_GREY_STEP).astype(np.uint8)
 
     def _load(self, paths, resample):
         """Decode the PNGs of self.keys into one uint8 array; all must share one size."""

@@ -269,6 +269,10 @@ MUTATIONS = [
      ["tests/test_dataset.py::test_a_refused_demo_lock_builds_anyway_and_leaves_other_builds_alone"]),
     ("refused_demo_lock_clears_other_builds", "dataset.py", "            if locked:", "            if True:",
      ["tests/test_dataset.py::test_a_refused_demo_lock_builds_anyway_and_leaves_other_builds_alone"]),
+    # seg slices holding the labels themselves (0..3) read as all background
+    ("seg_labels_read_as_grey_levels", "dataset.py",
+     "grey if grey.max() <= 3 else np.rint(grey / SEG_GREY_STEP)", "np.rint(grey / SEG_GREY_STEP)",
+     ["tests/test_dataset.py::test_seg_slices_holding_the_labels_themselves_read_as_labels"]),
     # a NIfTI file named twice (overlapping globs) converted as two brains
     ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",
      "paths[os.path.realpath(path)] = path", ["tests/test_dataset.py::test_nifti_files_named_twice_are_one_brain"]),

@@ -60,6 +60,15 @@ def test_dataloader_shuffles_only_training_modes_and_repeats_with_seed(oasis_dir
     assert zs.tolist() == [0, 1, 2, 3, 4]
 
 
+def test_seg_slices_holding_the_labels_themselves_read_as_labels(oasis_dir):
+    """Tissue labels saved as 0..3 rather than OASIS's grey levels 0, 85, 170, 255."""
+    as_grey_levels = dataset.OasisSlices("validate", str(oasis_dir), 32).segs
+    for path in (oasis_dir / "keras_png_slices_seg_validate").iterdir():
+        write_png(str(path), np.asarray(Image.open(path)) // 85)
+    as_labels = dataset.OasisSlices("validate", str(oasis_dir), 32).segs
+    assert set(np.unique(as_labels)) == {0, 1, 2, 3} and np.array_equal(as_labels, as_grey_levels)
+
+
 def test_seg_is_none_without_seg_folders(oasis_dir):
     for split in dataset.SPLITS:
         os.rename(oasis_dir / f"keras_png_slices_seg_{split}", oasis_dir / f"unused_seg_{split}")
