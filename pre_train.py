@@ -317,3 +317,4 @@ if __name__ == "__main__":
         usage = codebook_stats(test_counts)
         summary.update(test_codebook_usage=usage["active_share"], test_perplexity=usage["perplexity"])
     util.write_summary(summary, LOG_DIR, run_name)
+    util.end_main_process()     # after torchrun, skips Python's shutdown (util.leave_process_group)

@@ -248,3 +248,4 @@ if __name__ == "__main__":
                "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
                "config": config}
     util.write_summary(summary, LOG_DIR, run_name)
+    util.end_main_process()     # after torchrun, skips Python's shutdown (util.leave_process_group)

@@ -273,6 +273,10 @@ MUTATIONS = [
     ("seg_labels_read_as_grey_levels", "dataset.py",
      "grey if grey.max() <= 3 else np.rint(grey / SEG_GREY_STEP)", "np.rint(grey / SEG_GREY_STEP)",
      ["tests/test_dataset.py::test_seg_slices_holding_the_labels_themselves_read_as_labels"]),
+    # the main process of a torchrun run ending through Python's shutdown, where gloo's threads can abort it
+    ("main_process_ends_through_pythons_shutdown", "util.py",
+     'if int(os.environ.get("WORLD_SIZE", 1)) > 1:\n        _exit_now()', "pass",
+     ["tests/test_util.py::test_only_the_main_process_goes_on_after_training"]),
     # a NIfTI file named twice (overlapping globs) converted as two brains
     ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",
      "paths[os.path.realpath(path)] = path", ["tests/test_dataset.py::test_nifti_files_named_twice_are_one_brain"]),

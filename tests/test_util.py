@@ -313,7 +313,7 @@ def test_picture_grid_holds_torchvisions_grey_levels_in_one_channel(slice_pairs,
 
 
 LEAVE_AFTER_TRAINING = """
-import sys, torch
+import atexit, sys, torch
 sys.path.insert(0, {root!r})
 import util
 util.setup_distributed()
@@ -322,7 +322,9 @@ model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(2, 2, 1))
 model(torch.randn(4, 2, 3, 3)).square().mean().backward()
 torch.distributed.barrier()
 util.leave_process_group(rank == 0)
+atexit.register(print, "Python's shutdown ran")
 print(f"rank {{rank}} went on alone: initialized {{torch.distributed.is_initialized()}}")
+util.end_main_process()
 """
 
 
@@ -339,10 +341,11 @@ def run_two_cpu_processes(script, source):
 
 def test_only_the_main_process_goes_on_after_training(tmp_path):
     """Two torchrun processes leave together; the main one goes on without a process group, the
-    other ends cleanly (exit 0, nothing after the call)."""
+    other ends cleanly (exit 0, nothing after the call), and the main one ends as cleanly, past
+    Python's shutdown, where gloo's threads could abort it."""
     result = run_two_cpu_processes(tmp_path / "train.py", LEAVE_AFTER_TRAINING)
     assert result.stdout.split("\n").count("rank 0 went on alone: initialized False") == 1
-    assert "rank 1" not in result.stdout
+    assert "rank 1" not in result.stdout and "shutdown ran" not in result.stdout
 
 
 OWN_NUMBERS = """
@@ -363,6 +366,7 @@ if rank == 0:
     print("main draws as one process:", torch.equal(draws[0], torch.rand(3)))
     print("processes draw alike:", torch.equal(draws[0], draws[1]))
     print("models alike:", torch.equal(weights[0], weights[1]))
+    util.end_main_process()
 """
 
 
@@ -392,6 +396,7 @@ if rank == 0:
     log.close()
     series = read_log({log!r})
     print("logged", series["train_loss"][1].tolist(), series["lr"][1].tolist())
+    util.end_main_process()
 """
 
 
