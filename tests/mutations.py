@@ -183,7 +183,7 @@ MUTATIONS = [
      ["tests/test_user_errors.py::test_a_one_process_script_under_torchrun_says_so",
       "tests/test_user_errors.py::test_torchrun_of_a_one_process_script_stops_with_the_sentence"]),
     # every torchrun process going on past training, to test and sample again and to shut Python down
-    ("other_processes_go_on_after_training", "util.py", "        os._exit(0)\n", "",
+    ("other_processes_go_on_after_training", "util.py", "    if not is_main:\n        _exit_now()\n", "",
      ["tests/test_util.py::test_only_the_main_process_goes_on_after_training"]),
     # every upper-case global settable again (NUM_Z, SHAPE_KEYS), and --help without its continued comments
     ("constants_outside_the_config_block_settable", "util.py", "                block = {}\n", "                block = None\n",
