@@ -135,14 +135,18 @@ def check_splits_hold_different_brains(data_dir):
                                  f"({split} and {other}); splits must hold different brains")
 
 
-def _read_png(path, img_size, resample):
-    """Decode one grey PNG and resize it: (uint8 (img_size, img_size), size in the file)."""
+def _read_png(path, img_size, labels):
+    """Decode one grey PNG and resize it (nearest neighbour for seg labels, else by area):
+    (uint8 (img_size, img_size), size in the file)."""
     try:
         with Image.open(path) as image:
             image.load()
             if image.mode.startswith("I"):     # a 16-bit PNG: convert("L") would clip it at 255, not scale it
-                image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255)
-                                        .astype(np.uint8))
+                values = np.asarray(image, dtype=np.float64)
+                # seg values that fit 8 bits (labels 0..3, or their grey levels) would all round to 0
+                if not (labels and values.max() <= 255):
+                    values = np.round(values / 257).clip(0, 255)
+                image = Image.fromarray(values.astype(np.uint8))
             image = image.convert("L")
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise util.UserError(f"cannot read image {path}: {error} (corrupt or not a PNG)") from error
@@ -150,7 +154,7 @@ def _read_png(path, img_size, resample):
         raise util.UserError(f"image {path} is {image.size[0]}x{image.size[1]}; expected square slices")
     original_size = image.size
     if image.size != (img_size, img_size):
-        image = image.resize((img_size, img_size), resample)
+        image = image.resize((img_size, img_size), Image.Resampling.NEAREST if labels else Image.Resampling.BOX)
     return np.asarray(image, dtype=np.uint8), original_size
 
 
@@ -182,19 +186,19 @@ class OasisSlices(Dataset):
         self.keys = sorted(image_paths)
         self.brains = np.array([brain for brain, _ in self.keys])
         self.zs = np.array([z for _, z in self.keys])
-        self.images = self._load(image_paths, Image.Resampling.BOX)
+        self.images = self._load(image_paths, labels=False)
         self.segs = None
         if has_seg:
-            grey = self._load(seg_paths, Image.Resampling.NEAREST)
+            grey = self._load(seg_paths, labels=True)
             # labels saved as they are (0..3, not x 85) would all round to background
             self.segs = grey if grey.max() <= 3 else np.rint(grey / SEG_GREY_STEP).astype(np.uint8)
 
-    def _load(self, paths, resample):
+    def _load(self, paths, labels):
         """Decode the PNGs of self.keys into one uint8 array; all must share one size."""
         array = np.empty((len(self.keys), self.img_size, self.img_size), dtype=np.uint8)
         first_path, first_size = None, None
         for i, key in enumerate(self.keys):
-            array[i], size = _read_png(paths[key], self.img_size, resample)
+            array[i], size = _read_png(paths[key], self.img_size, labels)
             if first_size is None:
                 first_path, first_size = paths[key], size
             elif size != first_size:

@@ -300,21 +300,19 @@ if __name__ == "__main__":
                 + (" (best)" if improved else ""))
         if world_size > 1:
             torch.distributed.barrier()
-    util.leave_process_group(is_main)     # only the main process goes on, to test
-
-    best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
-    core_model.load_state_dict(best["model"])
-    test_loader = dataset.get_dataloader("test", 32, DATA_DIR, IMG_SIZE)
-    test_ssim, test_counts = evaluate_reconstructions(core_model, test_loader, device, autocast)
-    summary = {"run": run_name, "mode": MODE, "test_ssim": test_ssim, "best_epoch": best["epoch"],
-               "best_val_ssim": best["best_val_ssim"], "epochs": EPOCHS, "steps": step,
-               "train_images_per_second": train_images / max(train_seconds, 1e-9),
-               "train_seconds": train_seconds,
-               "parameters": sum(p.numel() for p in core_model.parameters()),
-               "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
-               "config": config}
-    if test_counts is not None:
-        usage = codebook_stats(test_counts)
-        summary.update(test_codebook_usage=usage["active_share"], test_perplexity=usage["perplexity"])
-    util.write_summary(summary, LOG_DIR, run_name)
-    util.end_main_process()     # after torchrun, skips Python's shutdown (util.leave_process_group)
+    with util.main_process_alone(is_main):     # the others end here; the main one tests, then ends
+        best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
+        core_model.load_state_dict(best["model"])
+        test_loader = dataset.get_dataloader("test", 32, DATA_DIR, IMG_SIZE)
+        test_ssim, test_counts = evaluate_reconstructions(core_model, test_loader, device, autocast)
+        summary = {"run": run_name, "mode": MODE, "test_ssim": test_ssim, "best_epoch": best["epoch"],
+                   "best_val_ssim": best["best_val_ssim"], "epochs": EPOCHS, "steps": step,
+                   "train_images_per_second": train_images / max(train_seconds, 1e-9),
+                   "train_seconds": train_seconds,
+                   "parameters": sum(p.numel() for p in core_model.parameters()),
+                   "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
+                   "config": config}
+        if test_counts is not None:
+            usage = codebook_stats(test_counts)
+            summary.update(test_codebook_usage=usage["active_share"], test_perplexity=usage["perplexity"])
+        util.write_summary(summary, LOG_DIR, run_name)

@@ -223,29 +223,27 @@ if __name__ == "__main__":
             span_start, span_latents = time.time(), 0
         if world_size > 1:
             torch.distributed.barrier()
-    util.leave_process_group(is_main)     # only the main process goes on, to test and sample
-
-    best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
-    ema_unet.load_state_dict(best["ema_model"])
-    search_start = time.time()
-    sampling, search = choose_sampling(ema_unet, diffusion, first_stage, train["config"], stats, device)
-    best["sampling"] = sampling        # what predict.py samples with
-    util.save_checkpoint(best, best_path)
-    print(f"chosen on validate: guidance scale {sampling['guidance']}, snap temperature "
-          f"{sampling['snap_temperature']} ({len(search)} settings scored in {time.time() - search_start:.0f} s)")
-    test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
-    sample_start = time.time()
-    images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS, **sampling)
-    sample_seconds = time.time() - sample_start
-    util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
-    summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
-               "best_val_loss": best["best_val_loss"],
-               "test_loss": evaluate(ema_unet, diffusion, normalise(diffusion_latents(test)), test["z"], device,
-                                     SEED),
-               f"sample_seconds_32_slices_ddim{SAMPLE_STEPS}": sample_seconds,
-               "sampling": sampling, "sampling_search": search,
-               "train_seconds": train_seconds, "parameters": sum(p.numel() for p in unet.parameters()),
-               "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
-               "config": config}
-    util.write_summary(summary, LOG_DIR, run_name)
-    util.end_main_process()     # after torchrun, skips Python's shutdown (util.leave_process_group)
+    with util.main_process_alone(is_main):     # the others end here; the main one tests and samples
+        best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
+        ema_unet.load_state_dict(best["ema_model"])
+        search_start = time.time()
+        sampling, search = choose_sampling(ema_unet, diffusion, first_stage, train["config"], stats, device)
+        best["sampling"] = sampling        # what predict.py samples with
+        util.save_checkpoint(best, best_path)
+        print(f"chosen on validate: guidance scale {sampling['guidance']}, snap temperature "
+              f"{sampling['snap_temperature']} ({len(search)} settings scored in {time.time() - search_start:.0f} s)")
+        test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
+        sample_start = time.time()
+        images = sample_volumes(ema_unet, diffusion, first_stage, stats, device, steps=SAMPLE_STEPS, **sampling)
+        sample_seconds = time.time() - sample_start
+        util.save_image_grid(images, os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
+        summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
+                   "best_val_loss": best["best_val_loss"],
+                   "test_loss": evaluate(ema_unet, diffusion, normalise(diffusion_latents(test)), test["z"], device,
+                                         SEED),
+                   f"sample_seconds_32_slices_ddim{SAMPLE_STEPS}": sample_seconds,
+                   "sampling": sampling, "sampling_search": search,
+                   "train_seconds": train_seconds, "parameters": sum(p.numel() for p in unet.parameters()),
+                   "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
+                   "config": config}
+        util.write_summary(summary, LOG_DIR, run_name)

@@ -195,34 +195,32 @@ if __name__ == "__main__":
                   + (" (best)" if improved else ""))
         if world_size > 1:
             torch.distributed.barrier()
-    util.leave_process_group(is_main)     # only the main process goes on, to test and sample
-
-    best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
-    prior.load_state_dict(best["model"])
-    prior.eval()
-    search_start = time.time()
-    sampling, search = choose_sampling(prior, first_stage, train["config"], device)
-    best["sampling"] = sampling        # what predict.py samples with
-    util.save_checkpoint(best, best_path)
-    print(f"sampling chosen on validate: temperature {sampling['temperature']}, top-p {sampling['top_p']}, "
-          f"guidance {sampling['guidance']} "
-          f"({len(search)} pairs scored in {time.time() - search_start:.0f} s)")
-    test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
-    test_loader = util.make_loader(torch.utils.data.TensorDataset(test["indices"], test["z"]), 64, shuffle=False)
-    sample_start = time.time()
-    util.save_image_grid(sample_volumes(prior, first_stage, device, **sampling),
-                         os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
-    sample_seconds = time.time() - sample_start
-    histogram_nats, pseudo_count = histogram_baseline(train["indices"], validate["indices"], test["indices"],
-                                                      model_args["num_codes"])
-    summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
-               "test_nats_per_code": evaluate(prior, test_loader, device),
-               "test_nats_per_code_histogram": histogram_nats, "histogram_pseudo_count": pseudo_count,
-               "uniform_nats_per_code": math.log(model_args["num_codes"]),
-               "sample_seconds_32_slices": sample_seconds, "sampling": sampling,
-               "sampling_search": search,
-               "train_seconds": train_seconds, "parameters": sum(p.numel() for p in prior.parameters()),
-               "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
-               "config": config}
-    util.write_summary(summary, LOG_DIR, run_name)
-    util.end_main_process()     # after torchrun, skips Python's shutdown (util.leave_process_group)
+    with util.main_process_alone(is_main):     # the others end here; the main one tests and samples
+        best = util.load_checkpoint(best_path, config, SHAPE_KEYS)
+        prior.load_state_dict(best["model"])
+        prior.eval()
+        search_start = time.time()
+        sampling, search = choose_sampling(prior, first_stage, train["config"], device)
+        best["sampling"] = sampling        # what predict.py samples with
+        util.save_checkpoint(best, best_path)
+        print(f"sampling chosen on validate: temperature {sampling['temperature']}, top-p {sampling['top_p']}, "
+              f"guidance {sampling['guidance']} "
+              f"({len(search)} pairs scored in {time.time() - search_start:.0f} s)")
+        test = load_latents(LATENT_DIR, FIRST_STAGE, "test")
+        test_loader = util.make_loader(torch.utils.data.TensorDataset(test["indices"], test["z"]), 64, shuffle=False)
+        sample_start = time.time()
+        util.save_image_grid(sample_volumes(prior, first_stage, device, **sampling),
+                             os.path.join(VISUALIZE_DIR, f"{run_name}_samples_best.png"))
+        sample_seconds = time.time() - sample_start
+        histogram_nats, pseudo_count = histogram_baseline(train["indices"], validate["indices"], test["indices"],
+                                                          model_args["num_codes"])
+        summary = {"run": run_name, "first_stage": FIRST_STAGE, "best_epoch": best["epoch"],
+                   "test_nats_per_code": evaluate(prior, test_loader, device),
+                   "test_nats_per_code_histogram": histogram_nats, "histogram_pseudo_count": pseudo_count,
+                   "uniform_nats_per_code": math.log(model_args["num_codes"]),
+                   "sample_seconds_32_slices": sample_seconds, "sampling": sampling,
+                   "sampling_search": search,
+                   "train_seconds": train_seconds, "parameters": sum(p.numel() for p in prior.parameters()),
+                   "device": str(device), "bf16_autocast": amp_dtype is not None, "processes": world_size,
+                   "config": config}
+        util.write_summary(summary, LOG_DIR, run_name)

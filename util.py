@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import tokenize
+import traceback
 import warnings
 
 import numpy as np
@@ -247,35 +248,42 @@ def setup_distributed():
     return torch.device("cpu")
 
 
-def leave_process_group(is_main):
-    """End torchrun's process group when training is done: every process calls this right after
-    the last epoch's barrier, and the main one goes on alone to test and sample, then ends with
-    end_main_process. The others stop here with os._exit, skipping Python's shutdown: with a
-    DistributedDataParallel wrapper made, the gloo group's worker threads outlive
-    destroy_process_group, and one still letting go of a collective's tensors needs the GIL,
-    which a shutting-down interpreter answers by ending the thread: SIGABRT, "terminate called
-    without an active exception" (pytorch/pytorch#190489; the backtrace caught in gdb here).
-    A run in one process has no group to leave."""
+@contextlib.contextmanager
+def main_process_alone(is_main):
+    """What follows torchrun's training, testing and sampling, is the main process's alone: every
+    process enters this block right after the last epoch's barrier and leaves the process group;
+    the others end there, the main one runs the block and ends when it does, with status 0, or 1
+    after printing the error (a UserError's sentence, or the traceback) that stopped it. All end
+    with os._exit, skipping Python's shutdown: with a DistributedDataParallel wrapper made, the
+    gloo group's worker threads outlive destroy_process_group, and one still letting go of a
+    collective's tensors needs the GIL, which a shutting-down interpreter answers by ending the
+    thread: SIGABRT, "terminate called without an active exception" (pytorch/pytorch#190489; the
+    backtrace caught in gdb here). It aborted 4 of 100 two-process runs that ended through the
+    shutdown. A run in one process has no group to leave, and runs the block as any other."""
     if not torch.distributed.is_initialized():
+        yield
         return
     torch.distributed.destroy_process_group()
     if not is_main:
-        _exit_now()
+        _exit_now(0)
+    try:
+        yield
+    except SystemExit as stop:      # a UserError: its sentence and status, as Python gives them
+        status = stop.code
+        if status is not None and not isinstance(status, int):
+            print(status, file=sys.stderr)
+            status = 1
+        _exit_now(status or 0)
+    except (Exception, KeyboardInterrupt):
+        traceback.print_exc()
+        _exit_now(1)
+    _exit_now(0)
 
 
-def end_main_process():
-    """A training script's last call: after a torchrun run, the main process too ends with
-    os._exit (see leave_process_group), its files written and closed by then. It died so in 4 of
-    100 runs of two CPU processes here whose script ended right after leaving. A run in one
-    process ends as usual."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        _exit_now()
-
-
-def _exit_now():
+def _exit_now(status):
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def cosine_learning_rate(step, total_steps, peak, min_ratio):

@@ -183,7 +183,7 @@ MUTATIONS = [
      ["tests/test_user_errors.py::test_a_one_process_script_under_torchrun_says_so",
       "tests/test_user_errors.py::test_torchrun_of_a_one_process_script_stops_with_the_sentence"]),
     # every torchrun process going on past training, to test and sample again and to shut Python down
-    ("other_processes_go_on_after_training", "util.py", "    if not is_main:\n        _exit_now()\n", "",
+    ("other_processes_go_on_after_training", "util.py", "    if not is_main:\n        _exit_now(0)\n", "",
      ["tests/test_util.py::test_only_the_main_process_goes_on_after_training"]),
     # every upper-case global settable again (NUM_Z, SHAPE_KEYS), and --help without its continued comments
     ("constants_outside_the_config_block_settable", "util.py", "                block = {}\n", "                block = None\n",
@@ -273,10 +273,22 @@ MUTATIONS = [
     ("seg_labels_read_as_grey_levels", "dataset.py",
      "grey if grey.max() <= 3 else np.rint(grey / SEG_GREY_STEP)", "np.rint(grey / SEG_GREY_STEP)",
      ["tests/test_dataset.py::test_seg_slices_holding_the_labels_themselves_read_as_labels"]),
+    # 16-bit seg slices holding the labels themselves scaled to 8 bits, every label 0; dark 16-bit slices unscaled
+    ("seg_labels_in_16_bits_scaled", "dataset.py", "if not (labels and values.max() <= 255):", "if True:",
+     ["tests/test_dataset.py::test_seg_slices_holding_the_labels_themselves_read_as_labels[16_bit]"]),
+    ("dark_16_bit_slices_kept_unscaled", "dataset.py", "if not (labels and values.max() <= 255):",
+     "if not values.max() <= 255:", ["tests/test_dataset.py::test_16_bit_pngs_are_scaled_to_8_bits_not_clipped"]),
     # the main process of a torchrun run ending through Python's shutdown, where gloo's threads can abort it
     ("main_process_ends_through_pythons_shutdown", "util.py",
-     'if int(os.environ.get("WORLD_SIZE", 1)) > 1:\n        _exit_now()', "pass",
+     "        _exit_now(1)\n    _exit_now(0)\n", "        _exit_now(1)\n",
      ["tests/test_util.py::test_only_the_main_process_goes_on_after_training"]),
+    # an error while a torchrun run's main process tests or samples alone going through Python's shutdown
+    ("main_process_failing_alone_ends_through_pythons_shutdown", "util.py",
+     "    except (Exception, KeyboardInterrupt):\n        traceback.print_exc()\n        _exit_now(1)\n", "",
+     ["tests/test_util.py::test_a_main_process_failing_alone_ends_with_status_1_and_its_error[exception]"]),
+    # the same for a UserError, ended with status 0 as if the run had finished
+    ("user_error_alone_ends_with_status_0", "util.py", "        _exit_now(status or 0)\n", "        _exit_now(0)\n",
+     ["tests/test_util.py::test_a_main_process_failing_alone_ends_with_status_1_and_its_error[user_error]"]),
     # a NIfTI file named twice (overlapping globs) converted as two brains
     ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",
      "paths[os.path.realpath(path)] = path", ["tests/test_dataset.py::test_nifti_files_named_twice_are_one_brain"]),

@@ -60,11 +60,14 @@ def test_dataloader_shuffles_only_training_modes_and_repeats_with_seed(oasis_dir
     assert zs.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_seg_slices_holding_the_labels_themselves_read_as_labels(oasis_dir):
-    """Tissue labels saved as 0..3 rather than OASIS's grey levels 0, 85, 170, 255."""
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16], ids=["8_bit", "16_bit"])
+def test_seg_slices_holding_the_labels_themselves_read_as_labels(oasis_dir, dtype):
+    """Tissue labels saved as 0..3 rather than OASIS's grey levels 0, 85, 170, 255, in 8 or 16
+    bits (16-bit slices are otherwise scaled to 8 bits, which would make every label 0)."""
     as_grey_levels = dataset.OasisSlices("validate", str(oasis_dir), 32).segs
     for path in (oasis_dir / "keras_png_slices_seg_validate").iterdir():
-        write_png(str(path), np.asarray(Image.open(path)) // 85)
+        Image.fromarray((np.asarray(Image.open(path)) // 85).astype(dtype)).save(path)
+        assert Image.open(path).mode.startswith("I") == (dtype == np.uint16)
     as_labels = dataset.OasisSlices("validate", str(oasis_dir), 32).segs
     assert set(np.unique(as_labels)) == {0, 1, 2, 3} and np.array_equal(as_labels, as_grey_levels)
 
@@ -138,12 +141,15 @@ def test_slice_past_the_brains_last_is_named(oasis_dir):
 
 
 def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """Every 16-bit slice is scaled alike, a dark one too (its values fitting 8 bits)."""
     grey = np.arange(256, dtype=np.uint16).reshape(16, 16)
-    path = tmp_path / "keras_png_slices_test" / "case_1_slice_0.nii.png"
-    os.makedirs(path.parent)
-    Image.fromarray(grey * 257).save(path)       # 8-bit grey g is 257 g in 16 bits
-    assert Image.open(path).mode.startswith("I")
-    assert np.array_equal(dataset.OasisSlices("test", str(tmp_path), 16).images[0], grey)
+    folder = tmp_path / "keras_png_slices_test"
+    os.makedirs(folder)
+    Image.fromarray(grey * 257).save(folder / "case_1_slice_0.nii.png")       # 8-bit grey g is 257 g in 16 bits
+    Image.fromarray(grey).save(folder / "case_1_slice_1.nii.png")
+    assert all(Image.open(path).mode.startswith("I") for path in folder.iterdir())
+    images = dataset.OasisSlices("test", str(tmp_path), 16).images
+    assert np.array_equal(images[0], grey) and np.array_equal(images[1], np.rint(grey / 257))
 
 
 # ----------------------------------------------------------------------------- demo brains

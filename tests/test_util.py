@@ -1,5 +1,6 @@
 import os
 import random
+import re
 import runpy
 import subprocess
 import sys
@@ -321,21 +322,21 @@ rank = torch.distributed.get_rank()
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(2, 2, 1))
 model(torch.randn(4, 2, 3, 3)).square().mean().backward()
 torch.distributed.barrier()
-util.leave_process_group(rank == 0)
-atexit.register(print, "Python's shutdown ran")
-print(f"rank {{rank}} went on alone: initialized {{torch.distributed.is_initialized()}}")
-util.end_main_process()
+with util.main_process_alone(rank == 0):
+    atexit.register(print, "Python's shutdown ran")
+    print(f"rank {{rank}} went on alone: initialized {{torch.distributed.is_initialized()}}")
+    {failure}
 """
 
 
-def run_two_cpu_processes(script, source):
+def run_two_cpu_processes(script, source, status=0):
     """`source` (its {root} the project's folder) written to `script` and run by torchrun in two CPU
-    processes (gloo); the finished process, checked to have exited 0."""
+    processes (gloo); the finished process, checked to have exited with `status`."""
     script.write_text(source.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                              str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
     return result
 
 
@@ -343,9 +344,25 @@ def test_only_the_main_process_goes_on_after_training(tmp_path):
     """Two torchrun processes leave together; the main one goes on without a process group, the
     other ends cleanly (exit 0, nothing after the call), and the main one ends as cleanly, past
     Python's shutdown, where gloo's threads could abort it."""
-    result = run_two_cpu_processes(tmp_path / "train.py", LEAVE_AFTER_TRAINING)
+    result = run_two_cpu_processes(tmp_path / "train.py", LEAVE_AFTER_TRAINING.replace("{failure}", "pass"))
     assert result.stdout.split("\n").count("rank 0 went on alone: initialized False") == 1
     assert "rank 1" not in result.stdout and "shutdown ran" not in result.stdout
+
+
+@pytest.mark.parametrize("failure, printed", [
+    ('raise util.UserError("no test split in the data folder")', r"^no test split in the data folder$"),
+    ('raise RuntimeError("sampling went wrong")', r"^Traceback \(most recent call last\):$(.|\n)*sampling went wrong")],
+    ids=["user_error", "exception"])
+def test_a_main_process_failing_alone_ends_with_status_1_and_its_error(tmp_path, failure, printed):
+    """An error while testing or sampling stops the main process as it would stop a one-process
+    run, its error printed (a UserError's sentence, else the traceback) and status 1, and past
+    Python's shutdown, where gloo's threads could turn that into SIGABRT."""
+    result = run_two_cpu_processes(tmp_path / "train.py", LEAVE_AFTER_TRAINING.replace("{failure}", failure),
+                                   status=1)
+    assert re.search(printed, result.stderr, re.MULTILINE)
+    assert re.search(r"rank\s*: 0 .*\n\s*exitcode\s*: 1 ", result.stderr)
+    assert "rank 0 went on alone" in result.stdout and "shutdown ran" not in result.stdout
+    assert "terminate called" not in result.stderr
 
 
 OWN_NUMBERS = """
@@ -359,14 +376,12 @@ model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(2, 2, 1))
 draws, weights = [None, None], [None, None]
 torch.distributed.all_gather_object(draws, torch.rand(3))
 torch.distributed.all_gather_object(weights, model.module.weight.detach())
-util.leave_process_group(rank == 0)     # as the training scripts end
-if rank == 0:
+with util.main_process_alone(rank == 0):     # as the training scripts end
     torch.manual_seed(0)
     torch.nn.Conv2d(2, 2, 1)
     print("main draws as one process:", torch.equal(draws[0], torch.rand(3)))
     print("processes draw alike:", torch.equal(draws[0], draws[1]))
     print("models alike:", torch.equal(weights[0], weights[1]))
-    util.end_main_process()
 """
 
 
@@ -391,12 +406,10 @@ for step in range(3):
     values.add(step, {{"train_loss": torch.tensor(step + 10.0 * rank), "lr": 0.5}})
 values.flush()
 torch.distributed.barrier()
-util.leave_process_group(rank == 0)
-if rank == 0:
+with util.main_process_alone(rank == 0):
     log.close()
     series = read_log({log!r})
     print("logged", series["train_loss"][1].tolist(), series["lr"][1].tolist())
-    util.end_main_process()
 """
 
 
