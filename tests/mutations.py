@@ -289,6 +289,10 @@ MUTATIONS = [
     # the same for a UserError, ended with status 0 as if the run had finished
     ("user_error_alone_ends_with_status_0", "util.py", "        _exit_now(status or 0)\n", "        _exit_now(0)\n",
      ["tests/test_util.py::test_a_main_process_failing_alone_ends_with_status_1_and_its_error[user_error]"]),
+    # the speed race stopped by one contestant that fails, the others never raced
+    ("speed_race_stops_at_a_failing_contestant", "bench/first_stage_speed.py", "        except RuntimeError as error:",
+     "        except ValueError as error:",
+     ["tests/test_bench.py::test_speed_race_reports_a_failing_contestant_and_races_the_others"]),
     # a NIfTI file named twice (overlapping globs) converted as two brains
     ("nifti_files_named_twice_kept_twice", "dataset.py", "paths.setdefault(os.path.realpath(path), path)",
      "paths[os.path.realpath(path)] = path", ["tests/test_dataset.py::test_nifti_files_named_twice_are_one_brain"]),

@@ -122,3 +122,16 @@ def test_speed_race_refuses_contestants_of_other_latent_grids(monkeypatch):
     with pytest.raises(util.UserError, match=re.escape("latent grids at 64x64 differ ('ours, z' 16x16; "
                                                        "'ours, z, 4x4 patches' 4x4)")):
         run_bench_here("first_stage_speed.py", ["--CONTESTANT_NAMES=('ours, z', 'ours, z, 4x4 patches')"], monkeypatch)
+
+
+def test_speed_race_reports_a_failing_contestant_and_races_the_others(monkeypatch, capsys):
+    """A contestant that fails while its learning rates are tuned (here MONAI's discriminator with
+    more stride-2 layers than a 64x64 slice has room for) says why; the race goes on without it."""
+    run_bench_here("first_stage_speed.py", [
+        "--CONTESTANT_NAMES=('MONAI, no z', 'ours, no z')", "--MONAI_DISC_LAYERS=5", "--LEARNING_RATES=(1e-3, 2e-3)",
+        "--TUNE_SECONDS=0.5", "--BUDGET_SECONDS=0.5", "--WARMUP_STEPS=1", "--BATCH_SIZE=4"], monkeypatch)
+    printed = capsys.readouterr().out
+    assert re.search(r"^MONAI, no z: failed: .*Kernel size can't be greater than actual input size", printed,
+                     re.MULTILINE)
+    table = printed.split(f"\n{'model':36s} ")[1].splitlines()[1:]
+    assert [row[:36].rstrip() for row in table] == ["ours, no z"]
