@@ -250,7 +250,7 @@ def setup_distributed():
 
 @contextlib.contextmanager
 def main_process_alone(is_main):
-    """What follows torchrun's training, testing and sampling, is the main process's alone: every
+    """The testing and sampling after torchrun's training are the main process's alone: every
     process enters this block right after the last epoch's barrier and leaves the process group;
     the others end there, the main one runs the block and ends when it does, with status 0, or 1
     after printing the error (a UserError's sentence, or the traceback) that stopped it. All end
